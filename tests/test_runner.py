@@ -85,6 +85,7 @@ def test_run_executes_and_renders_an_offline_report(tmp_path):
     assert metrics["wall_s"] >= metrics["runtime_s"]
     html = (out / "reports/minimal.html").read_text()
     assert "data:image/png;base64" in html, "the figure is not embedded"
+    assert [p.name for p in (out / "reports/figures/minimal").iterdir()] == ["fig-01.png"]
     assert "MathJax" in html, "math would not render"
     assert not REMOTE.search(html)
     assert "require.js" not in html and "cdnjs" not in html

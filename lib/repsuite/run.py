@@ -63,6 +63,25 @@ def execute(slug: str, notebook: Path, parameters: dict, out_root: Path, root: P
     return executed
 
 
+def extract_figures(executed: Path, folder: Path) -> int:
+    """Save every PNG figure of the executed notebook as `<folder>/fig-NN.png`; return the count."""
+    import base64
+
+    import nbformat
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("fig-*.png"):
+        old.unlink()
+    count = 0
+    for cell in nbformat.read(executed, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            png = output.get("data", {}).get("image/png")
+            if png:
+                count += 1
+                (folder / f"fig-{count:02d}.png").write_bytes(base64.b64decode(png))
+    return count
+
+
 def run(slug: str, profile: str | None = None, output: Path | None = None,
         root: Path | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
@@ -82,7 +101,6 @@ def run(slug: str, profile: str | None = None, output: Path | None = None,
     metrics = out_root / "reports" / "metrics" / f"{slug}.json"
     metrics.unlink(missing_ok=True)
     html = out_root / "reports" / f"{slug}.html"
-    (out_root / "reports" / "figures" / slug).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
         executed = execute(slug, notebook, parameters, out_root, root)
@@ -93,6 +111,7 @@ def run(slug: str, profile: str | None = None, output: Path | None = None,
         print(f"the failed run's report: {html}", file=sys.stderr)
         return 1
     render_html(executed, html, title=slug)
+    extract_figures(executed, out_root / "reports" / "figures" / slug)
     if not metrics.exists():
         print(f"error: {slug} ran but wrote no {metrics.name} (ledger.write() missing?)",
               file=sys.stderr)

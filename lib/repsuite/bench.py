@@ -1,0 +1,158 @@
+"""Speed of the suite, measured in one run and printed side by side (`make bench`).
+
+- our SMOTE against imbalanced-learn's on the same data at several sizes;
+- one AdamP and one SGDP step against the authors' `adamp` package on the same parameters;
+- weight matching of two MLPs at several widths;
+- the runner's fixed cost per notebook (kernel start, the usual imports, the render);
+- a no-op `dvc repro` of the whole suite (run `make repro` first, or it measures real work).
+
+Each figure is the best of several repeats (the minimum is the least disturbed by other load).
+Nothing here asserts a time: these are measurements, read by people.
+"""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from repsuite import paths
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()  # warm-up: first-call costs (imports, allocator) are not what is compared
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_smote(sizes=(1_000, 10_000, 50_000), n_features: int = 20) -> list[tuple]:
+    from imblearn.over_sampling import SMOTE as ReferenceSMOTE
+
+    from repsuite.oversampling.smote import SMOTE
+
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(n, n_features))
+        y = (rng.random(n) < 0.1).astype(int)
+        ours = best_of(lambda X=X, y=y: SMOTE(sampling_ratio=1.0, seed=0).fit_resample(X, y), 3)
+        ref = best_of(lambda X=X, y=y: ReferenceSMOTE(sampling_strategy=1.0, random_state=0)
+                      .fit_resample(X, y), 3)
+        rows.append((f"SMOTE, n={n:,} x {n_features}, 10% minority, to 1:1", ours, ref,
+                     "imbalanced-learn 0.14"))
+    return rows
+
+
+def _optimizer_step_time(make, params, grads) -> float:
+    opt = make(params)
+
+    def step():
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+
+    return best_of(step, 50)
+
+
+def bench_adamp() -> list[tuple]:
+    import adamp
+
+    from repsuite.optim.adamp import SGDP, AdamP
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(256, 784), (256,), (256, 256), (256,), (10, 256), (10,), (64, 32, 3, 3)]
+
+    def fresh():
+        return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    label = "7 tensors, 270k weights (MLP 784-256-256-10 + one conv)"
+    rows = []
+    for name, ours_cls, ref_cls, kw in (
+        ("AdamP", AdamP, adamp.AdamP, dict(lr=1e-3, weight_decay=1e-2)),
+        ("SGDP", SGDP, adamp.SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-5)),
+    ):
+        ours = _optimizer_step_time(lambda p, c=ours_cls, kw=kw: c(p, **kw), fresh(), grads)
+        ref = _optimizer_step_time(lambda p, c=ref_cls, kw=kw: c(p, **kw), fresh(), grads)
+        rows.append((f"{name} step, {label}", ours, ref, "adamp 0.3.0 (authors)"))
+    return rows
+
+
+def bench_weight_matching(widths=(128, 512, 1024)) -> list[tuple]:
+    from repsuite.merging.models import MLP
+    from repsuite.merging.permutation import spec_for
+    from repsuite.merging.weight_matching import weight_matching
+
+    rows = []
+    for width in widths:
+        torch.manual_seed(0)
+        a, b = MLP(784, [width] * 3, 10), MLP(784, [width] * 3, 10)
+        spec = spec_for(a)
+        pa, pb = dict(a.state_dict()), dict(b.state_dict())
+        ours = best_of(lambda pa=pa, pb=pb, spec=spec: weight_matching(spec, pa, pb, seed=0), 3)
+        rows.append((f"weight matching, MLP 784-{width}x3-10", ours, None, ""))
+    return rows
+
+
+def bench_runner() -> list[tuple]:
+    """A notebook that only imports what every paper imports, through the runner and the render."""
+    import nbformat
+
+    from repsuite import run
+    from repsuite.report import render_html
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        nb = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell('profile = "cpu"  # the runner sets it')
+        cell.metadata["tags"] = ["parameters"]
+        nb.cells = [cell, nbformat.v4.new_code_cell(
+            "%matplotlib inline\nimport matplotlib.pyplot as plt\nimport torch, sklearn, pandas\n"
+            "from repsuite.claims import Ledger")]
+        source = tmp / "empty.ipynb"
+        nbformat.write(nb, source)
+
+        def once():
+            executed = run.execute("empty", source, {"profile": "cpu"}, tmp, paths.repo_root())
+            render_html(executed, tmp / "empty.html")
+
+        return [("runner fixed cost: empty notebook (kernel, imports, render)", best_of(once, 3),
+                 None, "aim: <= 8 s")]
+
+
+def bench_dvc_noop() -> list[tuple]:
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    root = paths.repo_root()
+    status = subprocess.run([dvc, "status", "-q"], cwd=root, capture_output=True)
+    note = "aim: <= 3 s" if status.returncode == 0 else "pipeline NOT up to date: run make repro"
+
+    def repro():
+        subprocess.run([dvc, "repro", "-q"], cwd=root, check=True, capture_output=True)
+
+    return [("no-op dvc repro of the whole suite", best_of(repro, 3), None, note)]
+
+
+def main() -> int:
+    rows = []
+    for part in (bench_smote, bench_adamp, bench_weight_matching, bench_runner, bench_dvc_noop):
+        print(f"measuring {part.__name__.removeprefix('bench_')} ...", file=sys.stderr, flush=True)
+        rows += part()
+    width = max(len(r[0]) for r in rows)
+    print(f"{'case':<{width}}  {'ours s':>9}  {'reference s':>11}  {'ours/ref':>8}  reference")
+    for case, ours, ref, note in rows:
+        ref_s = f"{ref:11.4f}" if ref is not None else " " * 11
+        ratio = f"{ours / ref:8.2f}" if ref else " " * 8
+        print(f"{case:<{width}}  {ours:9.4f}  {ref_s}  {ratio}  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
