@@ -27,7 +27,9 @@ def test_export_round_trip_and_load_prefers_the_file(tmp_path, monkeypatch):
     X, y = data.load("iris")
     Xs, ys = data.SOURCES["iris"].build()
     assert np.array_equal(X, Xs) and np.array_equal(y, ys)
-    assert (tmp_path / "iris.npz").exists()
+    first = (tmp_path / "iris.npz").read_bytes()
+    data.export("iris")
+    assert (tmp_path / "iris.npz").read_bytes() == first, "re-export changed the bytes"
 
 
 def test_unknown_dataset_names_the_choices():
