@@ -29,21 +29,37 @@ def load_params_file(path: Path) -> dict:
 
 
 def notebook_parameters(notebook: Path) -> dict:
-    """name -> default value (a Python literal) of the notebook's `parameters` cell."""
-    import papermill
+    """name -> default value of every assignment in the notebook's `parameters` cell.
 
-    declared = papermill.inspect_notebook(str(notebook))
-    if not declared:
-        raise ParamsError(f"{notebook.name} has no cell tagged `parameters`")
+    Read with Python's own parser, one top-level assignment per parameter; a value that is not a
+    plain literal (a call, an expression of other names) is refused with the line that holds it.
+    """
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    cells = [c for c in nb.cells
+             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ParamsError(f"{notebook.name} needs exactly one cell tagged `parameters`, "
+                          f"found {len(cells)}")
     defaults = {}
-    for name, info in declared.items():
-        try:
-            defaults[name] = ast.literal_eval(info["default"])
-        except (ValueError, SyntaxError) as e:
-            raise ParamsError(
-                f"{notebook.name}: parameter {name!r} has default {info['default']!r}, "
-                "which is not a plain literal"
-            ) from e
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        elif isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        else:
+            continue
+        for target in targets:
+            if not isinstance(target, ast.Name):
+                continue
+            try:
+                defaults[target.id] = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as e:
+                raise ParamsError(
+                    f"{notebook.name}: parameter {target.id!r} on line {node.lineno} is not a "
+                    f"plain literal: {ast.unparse(value)}"
+                ) from e
     return defaults
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from repsuite import paths
 from repsuite.params import PROFILES, ParamsError, load_params_file, notebook_parameters, resolve
+from repsuite.progress import HEADLESS_ENV
 
 
 def prepare(slug: str, profile: str | None, root: Path) -> tuple[Path, dict]:
@@ -98,6 +99,7 @@ def run(slug: str, profile: str | None = None, output: Path | None = None,
 
     # The kernel inherits this, so the notebook's ledger writes its metrics under out_root.
     os.environ[paths.OUTPUT_ENV] = str(out_root)
+    os.environ[HEADLESS_ENV] = "1"
     metrics = out_root / "reports" / "metrics" / f"{slug}.json"
     metrics.unlink(missing_ok=True)
     html = out_root / "reports" / f"{slug}.html"

@@ -76,12 +76,15 @@ class Criterion:
                              "not a threshold")
 
     def describe(self, paired: bool) -> str:
-        against = "paired difference ours - baseline" if paired else f"ours - {self.threshold:g}"
+        if paired or self.threshold is None:
+            against = "paired difference ours - baseline"
+        else:
+            against = f"ours - {self.threshold:g}"
         words = {
             "greater": f"{against}: {self.level:.0%} t interval above {self.margin:g}",
-            "less": f"{against}: {self.level:.0%} t interval below {-self.margin:g}",
+            "less": f"{against}: {self.level:.0%} t interval below {0.0 - self.margin:g}",
             "noninferior": f"{against}: {self.level:.0%} t interval's lower end above "
-                           f"{-self.margin:g}",
+                           f"{0.0 - self.margin:g}",
             "equivalent": f"{against}: {self.level:.0%} t interval inside +-{self.margin:g}",
         }[self.direction]
         return words + (f" ({self.note})" if self.note else "")

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
-from tqdm.auto import tqdm
+
+from repsuite.progress import bar
 
 
 def split_tensors(X: np.ndarray, y: np.ndarray, *, test_size: float, seed: int, device,
@@ -76,7 +77,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y
     g = torch.Generator().manual_seed(seed)
     history = []
     model.train()
-    for epoch in tqdm(range(epochs), disable=not progress, leave=False):
+    for epoch in bar(range(epochs), enabled=progress, leave=False):
         total, count = 0.0, 0
         for idx in batches(len(X), batch_size, g):
             idx = idx.to(X.device)
