@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from repsuite import data
 
 SHAPES = {"pima": ((768, 8), 268), "satimage": ((6435, 36), 626), "page_blocks0": ((5472, 10), 559)}

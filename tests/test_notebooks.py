@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from repsuite import run
 from repsuite.paths import repo_root
 from repsuite.report import REMOTE

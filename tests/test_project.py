@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from repsuite import data, pipeline
 from repsuite.paths import repo_root
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from repsuite import params, run
 from repsuite.params import ParamsError, resolve
 from repsuite.report import REMOTE

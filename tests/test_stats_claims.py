@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats as sps
+
 from repsuite import claims, paths
 from repsuite.stats import Criterion, judge, mean_ci
-from scipy import stats as sps
 
 
 def test_mean_ci_matches_scipy_t_interval():
