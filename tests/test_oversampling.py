@@ -7,7 +7,7 @@ from imblearn.over_sampling import SMOTE as ImbSMOTE
 from imblearn.over_sampling import SMOTENC as ImbSMOTENC
 from sklearn.neighbors import NearestNeighbors
 
-from repsuite import seeding
+from repsuite import data, seeding
 from repsuite.oversampling import protocol, roc
 from repsuite.oversampling.smote import (
     SMOTE,
@@ -409,3 +409,14 @@ def test_stratified_subsample_keeps_proportions():
     assert protocol.stratified_subsample(X, y, 0, seed=0)[0] is X  # 0 keeps every row
     with pytest.raises(ValueError, match="max_samples must be >= 0"):
         protocol.stratified_subsample(X, y, -1, seed=0)
+
+
+@pytest.mark.parametrize("name", ["pima", "satimage"])
+def test_neighbour_distances_match_sklearn_on_real_minorities(name):
+    """Real features with many ties: the fast candidate step must not lose a true neighbour."""
+    X, y = data.load(name)
+    X_min = X[y == 1]
+    ours = knn_indices(torch.as_tensor(X_min), 5).numpy()
+    ref_dist, _ = NearestNeighbors(n_neighbors=6).fit(X_min).kneighbors(X_min)
+    our_dist = np.linalg.norm(X_min[:, None, :] - X_min[ours], axis=2)
+    np.testing.assert_allclose(np.sort(our_dist, axis=1), ref_dist[:, 1:], rtol=0, atol=1e-9)

@@ -57,7 +57,7 @@ def execute(slug: str, notebook: Path, parameters: dict, out_root: Path, root: P
     executed.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(notebook), str(executed), parameters=parameters, kernel_name="python3",
-        cwd=str(root), progress_bar=False, log_output=False,
+        language="python", cwd=str(root), progress_bar=False, log_output=False,
         # Quiet the kernel's start-up warnings so a failure's error is the first thing printed.
         extra_arguments=["--IPKernelApp.log_level=ERROR"],
     )

@@ -144,19 +144,28 @@ def knn_indices(X: torch.Tensor, k: int, penalty=None) -> torch.Tensor:
     """
     n = X.shape[0]
     out = torch.empty((n, k), dtype=torch.long, device=X.device)
+    n_cand = min(n, k + _SPARE)
+    X32 = X.to(torch.float32)
+    sq = X32.square().sum(1)
     for start in range(0, n, _BLOCK):
         stop = min(start + _BLOCK, n)
-        # The direct (not matrix-product) form keeps distances exact enough to match a k-d tree's
-        # neighbours, and never goes negative for identical points.
-        d = torch.cdist(X[start:stop], X, compute_mode="donot_use_mm_for_euclid_dist").square_()
-        if penalty is not None:
-            d += penalty(start, stop)
         rows = torch.arange(stop - start, device=X.device)
+        # Candidates from fast single-precision matrix-product distances, then their exact
+        # distances in the direct form, which matches a k-d tree's neighbours and is 0 for
+        # identical points. The spare candidates absorb the rounding of the fast form near the cut.
+        block = X32[start:stop]
+        d = torch.addmm(sq[start:stop, None] + sq[None, :], block, X32.T, alpha=-2)
+        extra = penalty(start, stop) if penalty is not None else None
+        if extra is not None:
+            d += extra.to(d.dtype)
         d[rows, rows + start] = math.inf
-        # A few spare candidates from a partial selection, then ordered by (distance, index): the
-        # same neighbours as a full stable sort unless more than `spare` points tie at the cut.
-        n_cand = min(n, k + _SPARE)
-        dist, idx = torch.topk(d, n_cand, dim=1, largest=False, sorted=False)
+        idx = torch.topk(d, n_cand, dim=1, largest=False, sorted=False).indices
+        dist = (X[start:stop, None, :] - X[idx]).square_().sum(-1)
+        if extra is not None:
+            dist += extra.gather(1, idx)
+        dist[idx == (rows + start)[:, None]] = math.inf
+        # Ordered by (distance, index): the same neighbours as a full stable sort unless more than
+        # `_SPARE` points tie at the cut.
         by_index = torch.argsort(idx, dim=1)
         dist, idx = dist.gather(1, by_index), idx.gather(1, by_index)
         by_dist = torch.sort(dist, dim=1, stable=True).indices
