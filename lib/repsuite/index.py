@@ -65,7 +65,9 @@ def render(df: pd.DataFrame) -> str:
         first = group.iloc[0]
         title = e(str(first.get("title") or slug))
         arxiv = first.get("arxiv")
-        paper = f"<b>{title}</b><br><a href='{e(slug)}.html'>report</a>"
+        tally = Counter(group["verdict"])
+        paper = (f"<b>{title}</b><br><a href='{e(slug)}.html'>report</a>"
+                 f"<br><small>{e(', '.join(f'{v}: {n}' for v, n in tally.items()))}</small>")
         if isinstance(arxiv, str) and arxiv:
             paper += f" &middot; arXiv {e(arxiv)}"
         for i, (_, r) in enumerate(group.iterrows()):
@@ -82,8 +84,8 @@ def render(df: pd.DataFrame) -> str:
                 f"</small></td><td><small>{e(r['criterion'])}</small></td>"
                 f"<td style='background:{COLOURS.get(r['verdict'], '#eee')}'>"
                 f"{e(r['verdict'])}{reason}"
-                f"</td><td><small>{e(r['profile'])}, {e(r['device'])}, {r['runtime_s']:.0f} s"
-                "</small></td></tr>"
+                f"</td><td><small>{e(r['profile'])} profile<br>{e(r['device'])}<br>"
+                f"{r['runtime_s']:.0f} s</small></td></tr>"
             )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Replication index</title>
