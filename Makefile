@@ -13,7 +13,7 @@ export PYTHONHASHSEED := 0
 # The Agg backend would drop every figure from the notebooks and reports.
 unexport MPLBACKEND
 
-.PHONY: setup repro test lab bench lint clean-venv
+.PHONY: setup repro paper exp test lab bench lint clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,18 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show --precision 3 >/dev/null
 	@echo "reports: reports/index.html"
+
+# One paper through DVC: make paper SLUG=smote
+paper: $(STAMP)
+	@test -n "$(SLUG)" || { echo "usage: make paper SLUG=<slug> (see params.yaml: papers)"; exit 2; }
+	$(BIN)/dvc repro paper@$(SLUG)
+
+# A parameter variant as a DVC experiment in a temporary copy, leaving the workspace as it is:
+# make exp SET='papers.smote.n_seeds=10'
+exp: $(STAMP)
+	@test -n "$(SET)" || { echo "usage: make exp SET='papers.<slug>.<key>=<value>'"; exit 2; }
+	$(BIN)/dvc exp run --temp -S '$(SET)'
+	$(BIN)/dvc exp show --md --only-changed --drop 'versions|peak|runtime|wall|Created|title|arxiv'
 
 test: $(STAMP)
 	$(BIN)/pytest

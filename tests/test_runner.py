@@ -28,13 +28,15 @@ def test_resolve_applies_profile_overrides():
 @pytest.mark.parametrize("section, profile, match", [
     ({"n_seed": 5}, "cpu", r"unknown parameter papers\.p\.n_seed; .* takes: flag, lr, n_seeds"),
     ({"profiles": {"smoke": {"epochs": 1}}}, "smoke", r"unknown parameter papers\.p\.profiles"),
-    ({"n_seeds": "5"}, "cpu", r"p\.n_seeds = '5' is a str; the notebook's n_seeds is a int"),
-    ({"n_seeds": 2.5}, "cpu", r"is a float; the notebook's n_seeds is a int"),
-    ({"flag": 1}, "cpu", r"p\.flag = 1 is a int; the notebook's flag is a bool"),
+    ({"n_seeds": "5"}, "cpu", r"papers\.p\.n_seeds = '5' is a str; the notebook's n_seeds is an"),
+    ({"n_seeds": 2.5}, "cpu", r"is a float; the notebook's n_seeds is an int"),
+    ({"flag": 1}, "cpu", r"p\.flag = 1 is an int; the notebook's flag is a bool"),
     ({"n_seeds": True}, "cpu", r"is a bool"),
     ({"names": "a"}, "cpu", r"is a str; the notebook's names is a list"),
     ({"profile": "gpu"}, "cpu", r"set by the runner"),
-    ({"profiles": {"fast": {}}}, "cpu", r"may only hold `smoke` and `gpu`"),
+    ({"profiles": {"fast": {}}}, "cpu", r"papers\.p\.profiles\.fast is not a profile"),
+    ({"profiles": {"smoke": {"n_seeds": "2"}}}, "cpu",
+     r"papers\.p\.profiles\.smoke\.n_seeds = '2' is a str"),
     ({}, "huge", r"unknown profile 'huge'; choose one of smoke, cpu, gpu"),
 ])
 def test_resolve_rejects_bad_sections(section, profile, match):
@@ -93,19 +95,37 @@ def test_run_executes_and_renders_an_offline_report(tmp_path):
     assert "enableEnrichment: false" in html, "MathJax's speech maps would load from a CDN"
 
 
-def test_run_failure_prints_the_cell_error_first(tmp_path):
-    section = {"fail": True}
-    root = _fake_repo(tmp_path / "repo", section)
+def test_run_failure_prints_the_cell_error_first_and_keeps_previous_results(tmp_path):
+    root = _fake_repo(tmp_path / "repo", {"n_seeds": 3})
+    out = tmp_path / "out"
+    assert run.run("minimal", "smoke", out, root) == 0
+    before = {p: p.read_bytes() for p in (out / "reports").rglob("*") if p.is_file()}
+
+    (root / "params.yaml").write_text(yaml.safe_dump({"papers": {"minimal": {"fail": True}}}))
     code = subprocess.run(
         [sys.executable, "-c", "import sys; from pathlib import Path; from repsuite import run; "
-         f"sys.exit(run.run('minimal', 'smoke', Path(r'{tmp_path / 'out'}'), Path(r'{root}')))"],
+         f"sys.exit(run.run('minimal', 'smoke', Path(r'{out}'), Path(r'{root}')))"],
         capture_output=True, text=True,
     )
     assert code.returncode == 1
-    lines = [ln for ln in code.stderr.splitlines() if ln.startswith("error:")]
-    assert lines and "ValueError: failing on purpose" in lines[0]
-    assert (tmp_path / "out/reports/minimal.html").exists()
-    assert not (tmp_path / "out/reports/metrics/minimal.json").exists()
+    assert code.stderr.startswith("error: minimal failed at cell In[")
+    assert "ValueError: failing on purpose" in code.stderr.splitlines()[0]
+    assert (out / "reports/failed/minimal.html").exists()
+    after = {p: p.read_bytes() for p in (out / "reports").rglob("*")
+             if p.is_file() and "failed" not in p.parts}
+    assert after == before, "a failed run changed the previous results"
+    assert not list((out / "reports").glob(".staging-*"))
+
+    (root / "params.yaml").write_text(yaml.safe_dump({"papers": {"minimal": {}}}))
+    assert run.run("minimal", "smoke", out, root) == 0
+    assert not (out / "reports/failed/minimal.html").exists(), "a stale failure report remains"
+
+
+def test_a_trial_at_another_profile_does_not_touch_the_pipelines_results(tmp_path):
+    root = _fake_repo(tmp_path, {"n_seeds": 2})
+    assert run.run("minimal", "smoke", None, root) == 0
+    assert (root / "build/runs/smoke/reports/metrics/minimal.json").exists()
+    assert not (root / "reports").exists()
 
 
 def test_cli_rejects_unknown_slug():

@@ -161,6 +161,9 @@ class Ledger:
             "peak_memory_mb": round(peak, 1),
             "versions": seeding.versions(),
             "claims": [c.as_dict() for c in self.claims.values()],
+            # Flat, so that `dvc metrics show` and `dvc exp show` can put each claim in a column.
+            "summary": {c.id: {"verdict": c.verdict, "ours": c.ours["mean"]}
+                        for c in self.claims.values()},
             "metrics": _jsonable(self.metrics),
         }
         if torch.cuda.is_available():

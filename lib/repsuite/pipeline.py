@@ -17,11 +17,13 @@ import nbformat
 import yaml
 
 from repsuite import data, paths
+from repsuite.params import ParamsError
+from repsuite.run import prepare
 
 PACKAGE = "repsuite"
-# The stage command itself runs these for every paper.
-RUNNER = ("run.py", "params.py", "report.py", "paths.py", "templates/offline/index.html.j2",
-          "templates/offline/conf.json")
+# The stage command runs the runner for every paper: its modules and its report template.
+RUNNER = "import repsuite.run"
+TEMPLATES = ("templates/offline/index.html.j2", "templates/offline/conf.json")
 
 
 def _sha256(path: Path) -> str:
@@ -83,7 +85,8 @@ def paper_dependencies(slug: str, section: dict, root: Path) -> dict:
     notebook = root / "notebooks" / f"{slug}.ipynb"
     source = notebook_source(notebook)
     files = module_files(imported_modules(source), lib)
-    files |= {lib / PACKAGE / name for name in RUNNER}
+    files |= module_files(imported_modules(RUNNER), lib)
+    files |= {lib / PACKAGE / name for name in TEMPLATES}
 
     # A dataset counts as used when its name appears as a string in the notebook or its parameters.
     strings = {n.value for n in ast.walk(ast.parse(source))
@@ -113,6 +116,14 @@ def main() -> int:
     papers = yaml.safe_load((root / "params.yaml").read_text())["papers"]
     out = root / "build" / "deps"
     out.mkdir(parents=True, exist_ok=True)
+    # Every paper's parameters are checked here, before any paper stage starts: DVC clears a
+    # stage's outputs when it starts it, so a bad value must stop the pipeline first.
+    try:
+        for slug in papers:
+            prepare(slug, None, root)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for slug, section in papers.items():
         deps = paper_dependencies(slug, section, root)
         (out / f"{slug}.json").write_text(json.dumps(deps, indent=1, sort_keys=True) + "\n")

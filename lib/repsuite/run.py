@@ -3,21 +3,31 @@
     python -m repsuite.run <slug> [--profile smoke|cpu|gpu] [--output DIR]
 
 The profile defaults to `params.yaml: profile` (itself `cpu` when absent). Outputs go under
-`<output>/reports/`: `executed/<slug>.ipynb`, `<slug>.html` and `metrics/<slug>.json` (written by
-the notebook). A bad params section fails before any work; a failing cell prints its error first and
-the run exits non-zero, with the report of the failed run still rendered for reading.
+`<output>/reports/`: `executed/<slug>.ipynb`, `<slug>.html`, `figures/<slug>/` and
+`metrics/<slug>.json` (written by the notebook). The output defaults to the repository, except for a
+run at another profile than the pipeline's, which goes to `build/runs/<profile>/` so that a trial
+never overwrites the committed results. A bad params section fails before any work; a failing cell
+prints its error first and the run exits non-zero, leaving the previous results in place and the
+failed run's report in `reports/failed/`.
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from repsuite import paths
 from repsuite.params import PROFILES, ParamsError, load_params_file, notebook_parameters, resolve
 from repsuite.progress import HEADLESS_ENV
+
+
+def pipeline_profile(root: Path) -> str:
+    """The profile `dvc repro` runs: `params.yaml: profile`, or cpu."""
+    return load_params_file(root / "params.yaml").get("profile", "cpu")
 
 
 def prepare(slug: str, profile: str | None, root: Path) -> tuple[Path, dict]:
@@ -31,7 +41,7 @@ def prepare(slug: str, profile: str | None, root: Path) -> tuple[Path, dict]:
     notebook = root / "notebooks" / f"{slug}.ipynb"
     if not notebook.exists():
         raise ParamsError(f"notebooks/{slug}.ipynb not found (params.yaml has a section for it)")
-    profile = profile or params.get("profile", "cpu")
+    profile = profile or pipeline_profile(root)
     return notebook, resolve(slug, papers[slug], notebook_parameters(notebook), profile)
 
 
@@ -83,47 +93,82 @@ def extract_figures(executed: Path, folder: Path) -> int:
     return count
 
 
+def _publish(staged: Path, final: Path) -> None:
+    """Replace `final` (a file or a folder) by `staged`."""
+    if final.is_dir():
+        shutil.rmtree(final)
+    elif final.exists():
+        final.unlink()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+
+
 def run(slug: str, profile: str | None = None, output: Path | None = None,
         root: Path | None = None) -> int:
+    """Run one paper; 0 on success, 1 when the notebook fails, 2 when its parameters are wrong.
+
+    Everything is written to a staging folder first and moved into `<output>/reports/` only when
+    the run succeeds, so a failed run leaves the previous results as they were; its own executed
+    notebook and report go to `reports/failed/`.
+    """
     from papermill.exceptions import PapermillExecutionError
 
     from repsuite.report import render_html
 
     root = root or paths.repo_root()
-    out_root = (output or root).resolve()
     try:
         notebook, parameters = prepare(slug, profile, root)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if output is None and profile is not None and profile != pipeline_profile(root):
+        # A trial at another profile must not overwrite the pipeline's committed results.
+        output = root / "build" / "runs" / profile
+    reports = (output or root).resolve() / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{slug}-", dir=reports))
+    staged = staging / "reports"
 
-    # The kernel inherits this, so the notebook's ledger writes its metrics under out_root.
-    os.environ[paths.OUTPUT_ENV] = str(out_root)
+    # The kernel inherits these: the ledger writes its metrics under the staging folder.
+    os.environ[paths.OUTPUT_ENV] = str(staging)
     os.environ[HEADLESS_ENV] = "1"
-    metrics = out_root / "reports" / "metrics" / f"{slug}.json"
-    metrics.unlink(missing_ok=True)
-    html = out_root / "reports" / f"{slug}.html"
     start = time.perf_counter()
     try:
-        executed = execute(slug, notebook, parameters, out_root, root)
-    except PapermillExecutionError:
-        executed = out_root / "reports" / "executed" / f"{slug}.ipynb"
-        print(f"error: {slug} failed at {first_error(executed)}", file=sys.stderr)
-        render_html(executed, html, title=slug)
-        print(f"the failed run's report: {html}", file=sys.stderr)
-        return 1
-    render_html(executed, html, title=slug)
-    extract_figures(executed, out_root / "reports" / "figures" / slug)
-    if not metrics.exists():
-        print(f"error: {slug} ran but wrote no {metrics.name} (ledger.write() missing?)",
-              file=sys.stderr)
-        return 1
-    # The ledger times the notebook from its setup cell; the wall time adds kernel start and render.
-    wall = round(time.perf_counter() - start, 1)
-    written = json.loads(metrics.read_text())
-    written["wall_s"] = wall
-    metrics.write_text(json.dumps(written, indent=1) + "\n")
-    print(f"{slug}: profile {parameters['profile']}, {wall:.1f} s -> {html}")
+        try:
+            executed = execute(slug, notebook, parameters, staging, root)
+        except PapermillExecutionError:
+            failed = reports / "failed"
+            failed.mkdir(exist_ok=True)
+            executed = staged / "executed" / f"{slug}.ipynb"
+            print(f"error: {slug} failed at {first_error(executed)}", file=sys.stderr)
+            _publish(executed, failed / f"{slug}.ipynb")
+            render_html(failed / f"{slug}.ipynb", failed / f"{slug}.html", title=slug)
+            print(f"the failed run's report: {failed / f'{slug}.html'}; the previous results in "
+                  f"{reports} are untouched", file=sys.stderr)
+            return 1
+
+        metrics = staged / "metrics" / f"{slug}.json"
+        if not metrics.exists():
+            print(f"error: {slug} ran but wrote no {metrics.name} (ledger.write() missing?)",
+                  file=sys.stderr)
+            return 1
+        render_html(executed, staged / f"{slug}.html", title=slug)
+        extract_figures(executed, staged / "figures" / slug)
+        # The ledger times the notebook from its setup cell; the wall time adds kernel start and
+        # the render.
+        wall = round(time.perf_counter() - start, 1)
+        written = json.loads(metrics.read_text())
+        written["wall_s"] = wall
+        metrics.write_text(json.dumps(written, indent=1) + "\n")
+
+        for part in (f"executed/{slug}.ipynb", f"{slug}.html", f"figures/{slug}",
+                     f"metrics/{slug}.json"):
+            _publish(staged / part, reports / part)
+        for stale in (reports / "failed").glob(f"{slug}.*"):
+            stale.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"{slug}: profile {parameters['profile']}, {wall:.1f} s -> {reports / f'{slug}.html'}")
     return 0
 
 
@@ -132,7 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("slug", help="the paper to run (a key of params.yaml: papers)")
     ap.add_argument("--profile", choices=PROFILES,
                     help="default: params.yaml's `profile`, else cpu")
-    ap.add_argument("--output", type=Path, help="folder to write reports/ into (default: the repo)")
+    ap.add_argument("--output", type=Path,
+                    help="folder to write reports/ into (default: the repository, or "
+                         "build/runs/<profile> for a profile other than the pipeline's)")
     args = ap.parse_args(argv)
     return run(args.slug, args.profile, args.output)
 
