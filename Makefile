@@ -41,7 +41,7 @@ paper: $(STAMP)
 exp: $(STAMP)
 	@test -n "$(SET)" || { echo "usage: make exp SET='papers.<slug>.<key>=<value>'"; exit 2; }
 	$(BIN)/dvc exp run --temp -S '$(SET)'
-	$(BIN)/dvc exp show --md --only-changed --drop 'versions|peak|runtime|wall|Created|title|arxiv'
+	$(BIN)/dvc exp show --md --only-changed --drop '.*(versions|peak_|runtime_s|wall_s|metrics\.|Created).*'
 
 test: $(STAMP)
 	$(BIN)/pytest
