@@ -101,10 +101,24 @@ class _ProjectedOptimizer(Optimizer):
             return update, 1.0
         return project_radial(p, update, view, group["eps"]), group["wd_ratio"]
 
-    def _gradient(self, p: torch.Tensor) -> torch.Tensor:
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        return p.grad
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._update(p, p.grad, group, self.state[p])
+        return loss
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
 
 
 class SGDP(_ProjectedOptimizer):
@@ -137,37 +151,23 @@ class SGDP(_ProjectedOptimizer):
                 f"dampening={d}"
             )
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
 
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = self._gradient(p)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+        d_p = grad + momentum * buf if group["nesterov"] else buf
 
-                buf = state["momentum_buffer"]
-                buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-                d_p = grad + momentum * buf if group["nesterov"] else buf
+        d_p, wd_factor = self._project(p, grad, d_p, group, state)
+        if not group["nesterov"]:
+            buf.copy_(d_p)
 
-                d_p, wd_factor = self._project(p, grad, d_p, group, state)
-                if not group["nesterov"]:
-                    buf.copy_(d_p)
+        if group["weight_decay"] > 0:
+            p.mul_(1 - lr * group["weight_decay"] * wd_factor / (1 - momentum))
 
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - lr * group["weight_decay"] * wd_factor / (1 - momentum))
-
-                p.add_(d_p, alpha=-lr)
-
-        return loss
+        p.add_(d_p, alpha=-lr)
 
 
 class AdamP(_ProjectedOptimizer):
@@ -192,40 +192,26 @@ class AdamP(_ProjectedOptimizer):
         _check("betas", betas, len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas),
                "a pair of numbers in [0, 1)")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
 
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = self._gradient(p)
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        numer = beta1 * m + (1 - beta1) * grad if group["nesterov"] else m
+        direction = numer / denom
 
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                numer = beta1 * m + (1 - beta1) * grad if group["nesterov"] else m
-                direction = numer / denom
+        direction, wd_factor = self._project(p, grad, direction, group, state)
 
-                direction, wd_factor = self._project(p, grad, direction, group, state)
+        if group["weight_decay"] > 0:
+            p.mul_(1 - lr * group["weight_decay"] * wd_factor)
 
-                if group["weight_decay"] > 0:
-                    p.mul_(1 - lr * group["weight_decay"] * wd_factor)
-
-                p.add_(direction, alpha=-lr / (1 - beta1**t))
-
-        return loss
+        p.add_(direction, alpha=-lr / (1 - beta1**t))
