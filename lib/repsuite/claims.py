@@ -54,9 +54,8 @@ class Claim:
         }
         if self.baseline is not None:
             out["baseline"] = self.baseline
-            out["difference"] = self.interval
-        elif self.interval is not None:
-            out["difference"] = self.interval
+        # What the verdict rests on: paired differences, or ours minus the threshold.
+        out["difference"] = self.interval
         if self.reason:
             out["reason"] = self.reason
         out.update(self.extra)
