@@ -3,6 +3,7 @@
 - our SMOTE against imbalanced-learn's on the same data at several sizes;
 - one AdamP and one SGDP step against the authors' `adamp` package on the same parameters;
 - weight matching of two MLPs at several widths;
+- one federated round, vectorized over clients, against a plain per-client loop;
 - the runner's fixed cost per notebook (kernel start, the usual imports, the render);
 - a no-op `dvc repro` of the whole suite (run `make repro` first, or it measures real work).
 
@@ -113,6 +114,14 @@ def bench_weight_matching(widths=(128, 512, 1024)) -> list[tuple]:
     return rows
 
 
+def bench_federated_round(n_clients: int = 100, local_steps: int = 5) -> list[tuple]:
+    from repsuite.federated.clients import bench_round
+
+    t = bench_round(n_clients=n_clients, local_steps=local_steps)
+    return [(f"federated round: {n_clients} clients x {local_steps} local steps, MLP 784-64-10, "
+             "vectorized", t["vectorized_s"], t["loop_s"], "per-client loop, torch.optim.SGD")]
+
+
 def bench_runner() -> list[tuple]:
     """A notebook that only imports what every paper imports, through the runner and the render."""
     import nbformat
@@ -153,7 +162,9 @@ def bench_dvc_noop() -> list[tuple]:
 
 def main() -> int:
     rows = []
-    for part in (bench_smote, bench_adamp, bench_weight_matching, bench_runner, bench_dvc_noop):
+    parts = (bench_smote, bench_adamp, bench_weight_matching, bench_federated_round, bench_runner,
+             bench_dvc_noop)
+    for part in parts:
         print(f"measuring {part.__name__.removeprefix('bench_')} ...", file=sys.stderr, flush=True)
         rows += part()
     width = max(len(r[0]) for r in rows)
