@@ -97,7 +97,9 @@ def test_each_method_family_is_a_dependency_of_its_own_papers_only():
             parts = Path(module).parts
             if len(parts) > 3:  # lib/repsuite/<family>/<file>
                 users.setdefault(parts[2], set()).add(slug)
-    expected = {"oversampling": {"smote"}, "optim": {"adamp"}, "merging": {"lmc-weight-matching"}}
+    expected = {"oversampling": {"smote"}, "optim": {"adamp"}, "merging": {"lmc-weight-matching"},
+                "federated": {"fedau", "fedamd-anchor-sampling", "frl", "fl-unlimited-staleness",
+                              "flag-aggregator"}}
     for family, slugs in expected.items():
         if slugs <= set(PARAMS["papers"]):
             assert users.get(family) == slugs, f"{family} is used by {users.get(family)}"
@@ -108,3 +110,16 @@ def test_dvc_config_is_offline():
     assert re.search(r"analytics\s*=\s*false", config)
     assert re.search(r"check_update\s*=\s*false", config)
     assert "__pycache__" in (ROOT / ".dvcignore").read_text()
+
+
+def test_each_federated_paper_module_is_a_dependency_of_its_own_paper_only():
+    """The papers share the simulator core; each paper's own module reruns only that paper."""
+    owners = {"fedau": "fedau", "fedamd": "fedamd-anchor-sampling", "frl": "frl",
+              "staleness": "fl-unlimited-staleness", "flag": "flag-aggregator"}
+    deps = {slug: pipeline.paper_dependencies(slug, section, ROOT)["modules"]
+            for slug, section in PARAMS["papers"].items()}
+    for module, owner in owners.items():
+        users = {slug for slug, modules in deps.items()
+                 if f"lib/repsuite/federated/{module}.py" in modules}
+        assert users == {owner}, f"federated/{module}.py is used by {users}"
+
