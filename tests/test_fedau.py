@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from repsuite.federated import fedau as F
+from repsuite.federated import fedau_experiment as FE
+from repsuite.federated import fedau_runs as FR
 from repsuite.federated.clients import Clients, flatten, flatten_stack, params_of
 
 # -------------------------------------------------------------------------------------------------
@@ -286,14 +288,14 @@ def test_full_batch_single_step_is_gradient_descent_on_the_objective():
     model = nn.Linear(3, 3).double()
     x0 = flatten(params_of(model))
     q = np.ones((3, 4), dtype=bool)
-    runs = [F.Run("all", F.AverageAll(4), q, 0, x0, global_lr=1.0)]
-    out = F.train_lockstep(model, clients, runs, rounds=3, local_steps=1, lr=0.3, batch_size=100,
+    runs = [FR.Run("all", F.AverageAll(4), q, 0, x0, global_lr=1.0)]
+    out = FR.train_lockstep(model, clients, runs, rounds=3, local_steps=1, lr=0.3, batch_size=100,
                            seed=0, weight_decay=0.01, progress=False)
 
     x = x0.clone()
     for _ in range(3):
         x = x.detach().requires_grad_(True)
-        Xr, yr, w = F._pooled_rows(clients, 0, 4)
+        Xr, yr, w = FR._pooled_rows(clients, 0, 4)
         W, b = x[:9].reshape(3, 3), x[9:]
         loss = (nn.functional.cross_entropy(Xr @ W.T + b, yr, reduction="none") * w).sum()
         loss = loss + 0.005 * (x ** 2).sum()
@@ -315,15 +317,15 @@ def test_lockstep_runs_are_independent_and_a_diverging_run_is_frozen():
     model = nn.Linear(3, 3).double()
     x0 = flatten(params_of(model))
     q = np.random.default_rng(0).random((20, 4)) < 0.5
-    runs = [F.Run("fedau", F.FedAU(4), q, 0, x0), F.Run("all", F.AverageAll(4), q, 0, x0),
-            F.Run("blows up", _Exploding(4), q, 0, x0)]
-    out = F.train_lockstep(model, clients, runs, rounds=20, local_steps=2, lr=0.1, batch_size=100,
+    runs = [FR.Run("fedau", F.FedAU(4), q, 0, x0), FR.Run("all", F.AverageAll(4), q, 0, x0),
+            FR.Run("blows up", _Exploding(4), q, 0, x0)]
+    out = FR.train_lockstep(model, clients, runs, rounds=20, local_steps=2, lr=0.1, batch_size=100,
                            seed=0, progress=False, snapshot_every=5)
     assert out.diverged.tolist() == [False, False, True]
     assert sorted(out.snapshots) == [0, 5, 10, 15, 20]
 
     # Full batch: a run alone gives the same numbers as inside the lockstep.
-    alone = F.train_lockstep(model, clients, [F.Run("fedau", F.FedAU(4), q, 0, x0)], rounds=20,
+    alone = FR.train_lockstep(model, clients, [FR.Run("fedau", F.FedAU(4), q, 0, x0)], rounds=20,
                              local_steps=2, lr=0.1, batch_size=100, seed=5,
                              progress=False)
     torch.testing.assert_close(alone.final[0], out.final[0], rtol=0, atol=1e-12)
@@ -341,26 +343,26 @@ def test_uniform_objective_weights_clients_equally_and_the_optimum_is_stationary
     out = model(X)
     per = nn.functional.cross_entropy(out, y, reduction="none").detach()
     expected = (per[:2].mean() + per[2:].mean()) / 2
-    got = F.objective(model, x, clients, 0, 2)
+    got = FR.objective(model, x, clients, 0, 2)
     assert got.shape == (1,)
     assert float(got[0]) == pytest.approx(float(expected), rel=1e-12)
 
-    only_first = F.objective(model, x, clients, 0, 2, client_weights=[3.0, 0.0])
+    only_first = FR.objective(model, x, clients, 0, 2, client_weights=[3.0, 0.0])
     assert float(only_first[0]) == pytest.approx(float(per[:2].mean()), rel=1e-12)
     with pytest.raises(ValueError, match="client_weights"):
-        F.objective(model, x, clients, 0, 2, client_weights=[0.0, 0.0])
+        FR.objective(model, x, clients, 0, 2, client_weights=[0.0, 0.0])
 
-    x_star = F.optimum(model, clients, 0, 2, weight_decay=0.1)
-    f_star = F.objective(model, x_star, clients, 0, 2, weight_decay=0.1)
+    x_star = FR.optimum(model, clients, 0, 2, weight_decay=0.1)
+    f_star = FR.objective(model, x_star, clients, 0, 2, weight_decay=0.1)
     bumps = torch.randn(20, x_star.numel(), generator=g, dtype=torch.float64) * 1e-3
-    f_near = F.objective(model, x_star + bumps, clients, 0, 2, weight_decay=0.1)
+    f_near = FR.objective(model, x_star + bumps, clients, 0, 2, weight_decay=0.1)
     assert torch.all(f_near > f_star)
     with pytest.raises(ValueError, match="weight_decay > 0"):
-        F.optimum(model, clients, 0, 2, weight_decay=0.0)
+        FR.optimum(model, clients, 0, 2, weight_decay=0.0)
     with pytest.raises(ValueError, match="do not exist"):
-        F.objective(model, x, clients, 1, 2)
+        FR.objective(model, x, clients, 1, 2)
     with pytest.raises(ValueError, match="NaN"):
-        F.objective(model, torch.full_like(x, float("nan")), clients, 0, 2)
+        FR.objective(model, torch.full_like(x, float("nan")), clients, 0, 2)
 
 
 def test_lockstep_refuses_bad_runs():
@@ -369,15 +371,15 @@ def test_lockstep_refuses_bad_runs():
     x0 = flatten(params_of(model))
     q = np.ones((5, 4), dtype=bool)
     with pytest.raises(ValueError, match="covers 5 rounds"):
-        F.train_lockstep(model, clients, [F.Run("r", F.FedAU(4), q, 0, x0)], rounds=6,
+        FR.train_lockstep(model, clients, [FR.Run("r", F.FedAU(4), q, 0, x0)], rounds=6,
                          local_steps=1, lr=0.1, batch_size=4, seed=0, progress=False)
     with pytest.raises(ValueError, match="do not exist"):
-        F.train_lockstep(model, clients, [F.Run("r", F.FedAU(4), q, 2, x0)], rounds=5,
+        FR.train_lockstep(model, clients, [FR.Run("r", F.FedAU(4), q, 2, x0)], rounds=5,
                          local_steps=1, lr=0.1, batch_size=4, seed=0, progress=False)
     with pytest.raises(ValueError, match="participation has 4 clients"):
-        F.Run("r", F.FedAU(3), q, 0, x0)
+        FR.Run("r", F.FedAU(3), q, 0, x0)
     with pytest.raises(ValueError, match="global_lr"):
-        F.Run("r", F.FedAU(4), q, 0, x0, global_lr=0.0)
+        FR.Run("r", F.FedAU(4), q, 0, x0, global_lr=0.0)
 
 
 def test_closed_form_softmax_regression_steps_equal_the_core_local_sgd():
@@ -395,14 +397,14 @@ def test_closed_form_softmax_regression_steps_equal_the_core_local_sgd():
     core, n_core = local_sgd(model, unflatten(starts, like), clients, idx, steps=7, lr=0.3,
                              batch_size=5, generator=torch.Generator().manual_seed(9),
                              weight_decay=0.01)
-    fast, n_fast = F.softmax_regression_sgd(starts, clients, idx, n_classes=4, steps=7, lr=0.3,
+    fast, n_fast = FR.softmax_regression_sgd(starts, clients, idx, n_classes=4, steps=7, lr=0.3,
                                             batch_size=5,
                                             generator=torch.Generator().manual_seed(9),
                                             weight_decay=0.01)
     assert n_fast == n_core
     torch.testing.assert_close(fast, flatten_stack(core), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="starts must be"):
-        F.softmax_regression_sgd(starts[:, :-1], clients, idx, n_classes=4, steps=1, lr=0.1,
+        FR.softmax_regression_sgd(starts[:, :-1], clients, idx, n_classes=4, steps=1, lr=0.1,
                                  batch_size=5, generator=torch.Generator())
 
 
@@ -420,13 +422,13 @@ def test_a_single_lockstep_run_reproduces_the_core_server_loop(fast_linear):
     q[[4, 9, 10]] = False
     assert not q.any(1).all()  # some rounds have no participant: FedAU must still count them
     # The fast path draws from the run's own stream (batch_seed), the core path from `seed`.
-    run = F.Run("fedau", F.FedAU(5, K=3), q, 0, x0, batch_seed=11 if fast_linear else None)
-    out = F.train_lockstep(model, clients, [run], rounds=15, local_steps=3, lr=0.2, batch_size=4,
+    run = FR.Run("fedau", F.FedAU(5, K=3), q, 0, x0, batch_seed=11 if fast_linear else None)
+    out = FR.train_lockstep(model, clients, [run], rounds=15, local_steps=3, lr=0.2, batch_size=4,
                            seed=99 if fast_linear else 11, weight_decay=0.01,
                            fast_linear=fast_linear, progress=False)
     history = server.run(model, clients, rounds=15, participation=q, local_steps=3, lr=0.2,
                          batch_size=4, seed=11, weight_decay=0.01,
-                         aggregate=F.as_server_aggregate(F.FedAU(5, K=3)))
+                         aggregate=FR.as_server_aggregate(F.FedAU(5, K=3)))
     expected = flatten(history.params)
     torch.testing.assert_close(out.final[0], expected, rtol=0, atol=1e-12)
     assert unflatten(expected, params_of(model)).keys() == params_of(model).keys()
@@ -445,19 +447,19 @@ def test_run_sampler_draws_like_the_core_sampler_and_keeps_runs_independent():
 
     # One run: exactly the core sampler's draws.
     alone = draws(BatchSampler(sizes[:3], 5, gen(1)))
-    mine = draws(F.RunBatchSampler(sizes[:3], 5, [gen(1)], [3]))
+    mine = draws(FR.RunBatchSampler(sizes[:3], 5, [gen(1)], [3]))
     for (r1, v1), (r2, v2) in zip(alone, mine, strict=True):
         assert torch.equal(v1, v2)
         assert torch.equal(r1[v1], r2[v2])
 
     # Three runs: the second run's batches are those it would draw alone.
-    together = draws(F.RunBatchSampler(sizes, 5, [gen(1), gen(2), gen(3)], [3, 2, 1]))
+    together = draws(FR.RunBatchSampler(sizes, 5, [gen(1), gen(2), gen(3)], [3, 2, 1]))
     second = draws(BatchSampler(sizes[3:5], 5, gen(2)))
     for (r1, v1), (r2, v2) in zip(second, together, strict=True):
         assert torch.equal(v1, v2[3:5, :v1.shape[1]])
         assert torch.equal(r1[v1], r2[3:5][v2[3:5]])
     with pytest.raises(ValueError, match="one generator a run"):
-        F.RunBatchSampler(sizes, 5, [gen(1)], [3, 3])
+        FR.RunBatchSampler(sizes, 5, [gen(1)], [3, 3])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -466,14 +468,14 @@ def test_run_sampler_draws_like_the_core_sampler_and_keeps_runs_independent():
 
 def test_long_run_rates_and_patterns():
     p = np.array([0.02, 0.023, 0.5])
-    np.testing.assert_allclose(F.long_run_rates("bernoulli", p), p)
+    np.testing.assert_allclose(FE.long_run_rates("bernoulli", p), p)
     # Cyclic participation keeps whole active rounds: round(100 p) of 100.
-    np.testing.assert_allclose(F.long_run_rates("cyclic", p, cycle=100), [0.02, 0.02, 0.5])
-    for kind in F.PATTERNS:
-        q = F.participation_pattern(kind, p, 50, seed=0)
+    np.testing.assert_allclose(FE.long_run_rates("cyclic", p, cycle=100), [0.02, 0.02, 0.5])
+    for kind in FE.PATTERNS:
+        q = FE.participation_pattern(kind, p, 50, seed=0)
         assert q.shape == (50, 3) and q.dtype == bool
     with pytest.raises(ValueError, match="unknown participation pattern"):
-        F.participation_pattern("poisson", p, 50, seed=0)
+        FE.participation_pattern("poisson", p, 50, seed=0)
     with pytest.raises(ValueError, match="cycle"):
         F.cyclic_rates(p, 50, seed=0, cycle=1)
 
@@ -483,20 +485,20 @@ def test_weight_errors_on_a_regular_pattern():
     q = np.zeros((400, 2), dtype=bool)
     q[3::4, 0] = True
     q[:, 1] = True
-    e = F.weight_errors(q, [0.25, 1.0], rare_fraction=0.5)
+    e = FE.weight_errors(q, [0.25, 1.0], rare_fraction=0.5)
     assert e["rare"].tolist() == [0]
     assert e["bias"] == pytest.approx(0.0)
     assert e["omega"].tolist() == [4.0, 1.0]
     # A cutoff of 2 records each silence of 3 as 2 + 1: mean interval 2, bias -1/2.
-    assert F.weight_errors(q, [0.25, 1.0], K=2, rare_fraction=0.5)["bias"] == pytest.approx(-0.5)
+    assert FE.weight_errors(q, [0.25, 1.0], K=2, rare_fraction=0.5)["bias"] == pytest.approx(-0.5)
     with pytest.raises(ValueError, match="rare_fraction"):
-        F.weight_errors(q, [0.25, 1.0], rare_fraction=0.0)
+        FE.weight_errors(q, [0.25, 1.0], rare_fraction=0.0)
     with pytest.raises(ValueError, match="2 participation rates given for 3 clients"):
-        F.weight_errors(np.ones((5, 3), dtype=bool), [0.5, 0.5])
+        FE.weight_errors(np.ones((5, 3), dtype=bool), [0.5, 0.5])
 
 
 def test_as_server_aggregate_refuses_a_mismatched_server():
-    agg = F.as_server_aggregate(F.FedAU(3))
+    agg = FR.as_server_aggregate(F.FedAU(3))
     with pytest.raises(ValueError, match="the server has 4 clients"):
         agg(_deltas()[:1], None, 0, {"n_clients": 4, "participants": [0]})
 
@@ -508,27 +510,27 @@ def test_best_global_rates_and_per_seed():
         "method": ["a", "a", "a", "b", "b"], "global_lr": [1.0, 2.0, 4.0, 1.0, 2.0],
         "objective": [0.5, 0.3, np.nan, 0.2, 0.1], "diverged": [False, False, True, False, True],
         "seed": [0, 0, 0, 0, 0]})
-    assert F.best_global_rates(table) == {"a": 2.0, "b": 1.0}
+    assert FE.best_global_rates(table) == {"a": 2.0, "b": 1.0}
     with pytest.raises(ValueError, match=r"every global rate diverged for \['c'\]"):
-        F.best_global_rates(pd.concat([table, pd.DataFrame(
+        FE.best_global_rates(pd.concat([table, pd.DataFrame(
             {"method": ["c"], "global_lr": [1.0], "objective": [np.nan], "diverged": [True],
              "seed": [0]})]))
     with pytest.raises(ValueError, match="b diverged on seeds"):
-        F.per_seed(table[table.global_lr == 2.0], "b", "objective")
+        FE.per_seed(table[table.global_lr == 2.0], "b", "objective")
     with pytest.raises(ValueError, match="no runs of 'z'"):
-        F.per_seed(table, "z", "objective")
+        FE.per_seed(table, "z", "objective")
 
 
 def test_downsample_and_build_federations():
     X = np.arange(2 * 16, dtype=float).reshape(2, 16)
-    pooled = F.downsample(X, 4, 2)
+    pooled = FE.downsample(X, 4, 2)
     assert pooled[0].tolist() == [2.5, 4.5, 10.5, 12.5]
     with pytest.raises(ValueError, match="pool must divide"):
-        F.downsample(X, 4, 3)
+        FE.downsample(X, 4, 3)
 
     rng = np.random.default_rng(0)
     Xd, yd = rng.random((300, 4)), np.repeat(np.arange(3), 100)
-    clients, feds = F.build_federations(
+    clients, feds = FE.build_federations(
         Xd, yd, [0, 1], n_clients=5, data_alpha=0.5, participation_alpha=0.5, mean_rate=0.2,
         min_rate=0.05, test_size=0.2, scale=1.0, n_rare_classes=1, device="cpu")
     assert clients.n_clients == 10 and int(clients.sizes.sum()) == 2 * 240
@@ -537,7 +539,7 @@ def test_downsample_and_build_federations():
         assert f.label_counts.sum() == 240 and len(f.y_test) == 60
         assert np.all(f.rates >= 0.05) and f.rare_classes.shape == (1,)
     with pytest.raises(ValueError, match="n_rare_classes"):
-        F.build_federations(Xd, yd, [0], n_clients=5, data_alpha=0.5, participation_alpha=0.5,
+        FE.build_federations(Xd, yd, [0], n_clients=5, data_alpha=0.5, participation_alpha=0.5,
                             mean_rate=0.2, min_rate=0.05, test_size=0.2, scale=1.0,
                             n_rare_classes=3, device="cpu")
 
@@ -545,14 +547,14 @@ def test_downsample_and_build_federations():
 def test_a_stage_trains_evaluates_and_labels_every_run():
     rng = np.random.default_rng(1)
     Xd, yd = rng.random((200, 4)), np.repeat(np.arange(2), 100)
-    clients, feds = F.build_federations(
+    clients, feds = FE.build_federations(
         Xd, yd, [0, 1], n_clients=4, data_alpha=1.0, participation_alpha=1.0, mean_rate=0.3,
         min_rate=0.1, test_size=0.25, scale=1.0, n_rare_classes=1, device="cpu")
-    part = {("bernoulli", f.seed): F.participation_pattern("bernoulli", f.rates, 12, f.seed)
+    part = {("bernoulli", f.seed): FE.participation_pattern("bernoulli", f.rates, 12, f.seed)
             for f in feds}
     starts = {("linear", f.seed): torch.zeros(10) for f in feds}
     configs = {"bernoulli": [("fedau", 1.0), ("fedau_K", 1.0), ("mifa", 2.0)]}
-    stage = F.run_stage("linear", feds, clients, patterns=["bernoulli"], configs=configs,
+    stage = FE.run_stage("linear", feds, clients, patterns=["bernoulli"], configs=configs,
                         participation=part, starts=starts, K=3, n_features=4, n_classes=2,
                         hidden=8, rounds=12, local_steps=2, lr=0.1, batch_size=4, seed=0,
                         weight_decay=0.01, eval_every=4, late_from=8, progress=False)
@@ -570,7 +572,7 @@ def test_a_stage_trains_evaluates_and_labels_every_run():
 
 def test_label_skew_partition_covers_every_sample_once_with_similar_sizes():
     y = np.repeat(np.arange(10), 200)
-    parts = F.label_skew_partition(y, 40, 0.1, seed=0)
+    parts = FE.label_skew_partition(y, 40, 0.1, seed=0)
     allidx = np.concatenate(parts)
     assert np.array_equal(np.sort(allidx), np.arange(len(y)))
     sizes = np.array([len(p) for p in parts])
@@ -579,8 +581,8 @@ def test_label_skew_partition_covers_every_sample_once_with_similar_sizes():
     top = [np.bincount(y[p], minlength=10).max() / len(p) for p in parts]
     assert np.median(top) > 0.5
     with pytest.raises(ValueError, match="n_clients"):
-        F.label_skew_partition(y, 0, 0.1, seed=0)
+        FE.label_skew_partition(y, 0, 0.1, seed=0)
     with pytest.raises(ValueError, match="alpha"):
-        F.label_skew_partition(y, 4, 0.0, seed=0)
+        FE.label_skew_partition(y, 4, 0.0, seed=0)
     with pytest.raises(ValueError, match="left a client with"):
-        F.label_skew_partition(np.array([0, 1, 0]), 3, 0.1, seed=0, min_size=2)
+        FE.label_skew_partition(np.array([0, 1, 0]), 3, 0.1, seed=0, min_size=2)
