@@ -8,16 +8,19 @@ import torch
 from repsuite.federated.aggregators import bulyan as core_bulyan
 from repsuite.federated.flag import (
     FlagRule,
+    bulyan,
+    flag_aggregate,
+    flag_median,
+    flag_objective,
+    uniform_noise,
+)
+from repsuite.federated.flag_experiment import (
     RunSpec,
     RunsResult,
     aggregate_batch,
     apply_attack,
     best_rates,
-    bulyan,
     coordinate_median_batch,
-    flag_aggregate,
-    flag_median,
-    flag_objective,
     make_specs,
     make_workers,
     multi_krum_batch,
@@ -26,7 +29,6 @@ from repsuite.federated.flag import (
     pool_images,
     train_runs,
     trimmed_mean_batch,
-    uniform_noise,
 )
 
 

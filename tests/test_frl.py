@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from repsuite.federated import Clients, frl, partition
+from repsuite.federated import frl_experiment as fx
 
 
 def gen(seed=0):
@@ -182,13 +183,13 @@ def test_kept_share_counts_agreed_edges_that_survive():
 def test_agr_tailored_update_on_a_hand_case():
     benign = torch.tensor([[0.0, 1.0], [1.0, 3.0], [2.0, 5.0]])
     mean, std = benign.mean(0), benign.std(0)
-    crafted = frl.agr_tailored(benign, 2, lambda d: d.mean(0))
+    crafted = fx.agr_tailored(benign, 2, lambda d: d.mean(0))
     lam = float((mean - crafted)[0] / std[0])
     assert torch.allclose(crafted, mean - lam * std)
     # Against the mean the damage only grows with lambda: the search runs to its cap near 2 * 5.
     assert 9.9 < lam < 10.0
     # Against the median of 5 rows, 2 copies can only pull it to the nearest benign value.
-    median = frl.agr_tailored(benign, 2, lambda d: d.median(0).values)
+    median = fx.agr_tailored(benign, 2, lambda d: d.median(0).values)
     assert torch.all(median <= benign.min(0).values)
 
 
@@ -248,17 +249,17 @@ def test_run_baseline_attacks_only_malicious_rows():
     part = frl.sample_rounds(8, 4, 3, 2, seed=0)
     kwargs = dict(participation=part, eval_data=(Xte, yte), local_steps=2, lr=0.1, batch_size=8,
                   seed=0)
-    clean = frl.run_baseline("trmean", [6, 8, 3], clients, **kwargs)
-    honest = frl.run_baseline("fedavg", [6, 8, 3], clients, malicious=[0, 1], attack="none",
+    clean = fx.run_baseline("trmean", [6, 8, 3], clients, **kwargs)
+    honest = fx.run_baseline("fedavg", [6, 8, 3], clients, malicious=[0, 1], attack="none",
                               **kwargs)
     assert clean.test_acc == honest.test_acc  # no malicious client: trims nothing
-    hit = frl.run_baseline("fedavg", [6, 8, 3], clients, malicious=[0, 1], attack="tailored",
+    hit = fx.run_baseline("fedavg", [6, 8, 3], clients, malicious=[0, 1], attack="tailored",
                            **kwargs)
     assert hit.test_acc[0] == clean.test_acc[0] and hit.test_acc != clean.test_acc
 
 
 def test_final_accuracy_averages_the_tail():
-    assert frl.final_accuracy([0.1, 0.5, 0.7], 2) == pytest.approx(0.6)
+    assert fx.final_accuracy([0.1, 0.5, 0.7], 2) == pytest.approx(0.6)
 
 
 # Bad input
@@ -293,13 +294,13 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="at least one edge"):
         frl.ranking_bits(0)
     with pytest.raises(ValueError, match="k >= 2"):
-        frl.agr_tailored(torch.zeros(1, 3), 1, lambda d: d.mean(0))
+        fx.agr_tailored(torch.zeros(1, 3), 1, lambda d: d.mean(0))
     with pytest.raises(ValueError, match="NaN"):
-        frl.agr_tailored(torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), 1, lambda d: d.mean(0))
+        fx.agr_tailored(torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), 1, lambda d: d.mean(0))
     with pytest.raises(ValueError, match="below half"):
         frl.sample_rounds(10, 6, 3, 8, seed=0)
     with pytest.raises(ValueError, match="tail"):
-        frl.final_accuracy([0.5], 2)
+        fx.final_accuracy([0.5], 2)
 
 
 def test_bad_runs_are_named():
@@ -317,29 +318,29 @@ def test_bad_runs_are_named():
     with pytest.raises(ValueError, match="takes 5 features"):
         frl.run_frl([5, 4, 3], clients, participation=part, **kwargs)
     with pytest.raises(ValueError, match="baseline must be one of"):
-        frl.baseline_rule("krum")
+        fx.baseline_rule("krum")
 
 
 def test_make_problem_splits_every_row_once_and_marks_the_lowest_ids_malicious():
     g = np.random.default_rng(0)
     X = g.integers(0, 256, (300, 16)).astype(np.uint8)
     y = np.repeat(np.arange(3), 100)
-    p = frl.make_problem(X, y, n_clients=6, alpha=1.0, per_round=4, rounds=5, mal_frac=0.2,
+    p = fx.make_problem(X, y, n_clients=6, alpha=1.0, per_round=4, rounds=5, mal_frac=0.2,
                          seed=0, device="cpu", pool=2, test_size=0.2, val_size=0.1)
     assert p.n_features == 4 and p.n_classes == 3
     assert int(p.clients.sizes.sum()) + len(p.y_val) + len(p.y_test) == 300
     assert len(p.y_test) == 60 and len(p.y_val) == 30
     assert p.malicious.tolist() == [0] and p.participation.shape == (5, 6)
     assert float(p.X_test.max()) <= 1.0
-    row = frl.run_method(p, "median", "tailored", hidden=[5], lr=0.1, local_steps=1,
+    row = fx.run_method(p, "median", "tailored", hidden=[5], lr=0.1, local_steps=1,
                          batch_size=4, density=0.5, momentum=0.9, weight_decay=0.0, tail=2)
     assert len(row["acc_curve"]) == 5 and row["upload_bits"] == 32 * (4 * 5 + 5 * 3)
     with pytest.raises(ValueError, match="mal_frac"):
-        frl.make_problem(X, y, n_clients=6, alpha=1.0, per_round=4, rounds=5, mal_frac=0.5,
+        fx.make_problem(X, y, n_clients=6, alpha=1.0, per_round=4, rounds=5, mal_frac=0.5,
                          seed=0, device="cpu")
     with pytest.raises(ValueError, match="square images"):
-        frl.make_problem(X[:, :15], y, n_clients=6, alpha=1.0, per_round=4, rounds=5,
+        fx.make_problem(X[:, :15], y, n_clients=6, alpha=1.0, per_round=4, rounds=5,
                          mal_frac=0.0, seed=0, device="cpu", pool=2)
     with pytest.raises(ValueError, match="method must be one of"):
-        frl.run_method(p, "krum", "none", hidden=[5], lr=0.1, local_steps=1, batch_size=4,
+        fx.run_method(p, "krum", "none", hidden=[5], lr=0.1, local_steps=1, batch_size=4,
                        density=0.5, momentum=0.9, weight_decay=0.0, tail=2)

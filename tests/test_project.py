@@ -115,8 +115,9 @@ def test_dvc_config_is_offline():
 def test_each_federated_paper_module_is_a_dependency_of_its_own_paper_only():
     """The papers share the simulator core; each paper's own module reruns only that paper."""
     owners = {"fedau": "fedau", "fedau_runs": "fedau", "fedau_experiment": "fedau",
-              "fedamd": "fedamd-anchor-sampling", "frl": "frl",
-              "staleness": "fl-unlimited-staleness", "flag": "flag-aggregator"}
+              "fedamd": "fedamd-anchor-sampling", "frl": "frl", "frl_experiment": "frl",
+              "staleness": "fl-unlimited-staleness", "staleness_runs": "fl-unlimited-staleness",
+              "flag": "flag-aggregator", "flag_experiment": "flag-aggregator"}
     deps = {slug: pipeline.paper_dependencies(slug, section, ROOT)["modules"]
             for slug, section in PARAMS["papers"].items()}
     for module, owner in owners.items():

@@ -12,20 +12,22 @@ from repsuite.federated.staleness import (
     GIConfig,
     ParamLayout,
     Reconstruction,
+    convert_stale_update,
+    first_order_compensation,
+    invert_update,
+    relative_l1,
+    simulate_update,
+    staleness_weight,
+)
+from repsuite.federated.staleness_runs import (
     StaleHistory,
     best_baseline,
-    convert_stale_update,
     final_value,
-    first_order_compensation,
     intertwined_systems,
-    invert_update,
     per_seed,
-    relative_l1,
     rounds_to_target,
     rows_of,
     run_stale,
-    simulate_update,
-    staleness_weight,
     summarize,
 )
 
