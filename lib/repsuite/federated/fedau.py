@@ -274,29 +274,33 @@ class AverageAll(Rule):
         return deltas.sum(0) / self.n_clients
 
 
-class MIFA(Rule):
-    """MIFA (Gu et al., 2021): the mean over all N clients of each one's latest update.
-
-    The server stores one update per client (zeros until the client first participates).
-    """
-
-    name = "MIFA"
+class _StoredUpdates(Rule):
+    """A rule that keeps each client's latest update on the server (zeros until it participates)."""
 
     def __init__(self, n_clients: int):
         super().__init__(n_clients)
         self.latest = None
 
-    def aggregate(self, deltas, idx):
+    def _stored(self, deltas) -> torch.Tensor:
         if self.latest is None:
             self.latest = deltas.new_zeros(self.n_clients, deltas.shape[1])
-        self.latest[torch.as_tensor(idx, device=deltas.device)] = deltas
+        return self.latest
+
+
+class MIFA(_StoredUpdates):
+    """MIFA (Gu et al., 2021): the mean over all N clients of each one's latest update."""
+
+    name = "MIFA"
+
+    def aggregate(self, deltas, idx):
+        self._stored(deltas)[torch.as_tensor(idx, device=deltas.device)] = deltas
         return self.latest.mean(0)
 
     def memory_scalars(self, n_params: int) -> int:
         return self.n_clients * n_params
 
 
-class FedVARP(Rule):
+class FedVARP(_StoredUpdates):
     """FedVARP (Jhunjhunwala et al., 2022): SAGA-style correction with stored client updates.
 
     update = mean over participants of (Delta_n - y_n) + mean over all clients of y, then
@@ -306,14 +310,8 @@ class FedVARP(Rule):
 
     name = "FedVARP"
 
-    def __init__(self, n_clients: int):
-        super().__init__(n_clients)
-        self.latest = None
-
     def aggregate(self, deltas, idx):
-        if self.latest is None:
-            self.latest = deltas.new_zeros(self.n_clients, deltas.shape[1])
-        stored_mean = self.latest.mean(0)
+        stored_mean = self._stored(deltas).mean(0)
         if idx.size == 0:
             return stored_mean
         rows = torch.as_tensor(idx, device=deltas.device)
