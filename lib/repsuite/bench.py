@@ -24,12 +24,18 @@ import torch
 from repsuite import paths
 
 
-def best_of(fn, repeats: int = 5) -> float:
-    fn()  # warm-up: first-call costs (imports, allocator) are not what is compared
+def best_of(fn, repeats: int = 5, device=None) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn()`, after one warm-up call (first-call
+    costs are not what is compared); CUDA work is waited for on a CUDA `device`."""
+    on_cuda = torch.device(device or "cpu").type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 

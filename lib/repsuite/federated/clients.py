@@ -11,7 +11,6 @@ torch's global generator (seed it with `seeding.seed_everything`).
 """
 
 import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -434,6 +433,7 @@ def bench_round(n_clients: int = 100, local_steps: int = 5, *, samples_per_clien
 
     An MLP n_features-hidden-n_classes on random data shaped like MNIST; best of `repeats`.
     """
+    from repsuite.bench import best_of
     from repsuite.seeding import pick_device
 
     device = pick_device(device)
@@ -450,17 +450,9 @@ def bench_round(n_clients: int = 100, local_steps: int = 5, *, samples_per_clien
     idx = np.arange(n_clients)
 
     def timed(fn):
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first call pays one-off costs
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(model, start, clients, idx, steps=local_steps, lr=0.1, batch_size=batch_size,
-               generator=torch.Generator().manual_seed(1))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return best_of(lambda: fn(model, start, clients, idx, steps=local_steps, lr=0.1,
+                                  batch_size=batch_size,
+                                  generator=torch.Generator().manual_seed(1)), repeats, device)
 
     vectorized, loop = timed(local_sgd), timed(local_sgd_loop)
     return {"device": str(device), "n_clients": n_clients, "local_steps": local_steps,

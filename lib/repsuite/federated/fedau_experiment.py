@@ -405,8 +405,8 @@ def bench_local_linear(n_clients: int = 250, local_steps: int = 5, *, samples_pe
     """Seconds for one round of local SGD of a softmax regression on every client: the
     closed-form `softmax_regression_sgd` against the core's autograd `local_sgd`; best of
     `repeats` after one warm-up call each."""
-    import time
 
+    from repsuite.bench import best_of
     from repsuite.seeding import pick_device
 
     device = pick_device(device)
@@ -429,18 +429,6 @@ def bench_local_linear(n_clients: int = 250, local_steps: int = 5, *, samples_pe
         local_sgd(model, unflatten(starts, like), clients, idx, steps=local_steps, lr=0.1,
                   batch_size=batch_size, generator=torch.Generator().manual_seed(1))
 
-    def timed(fn):
-        best = float("inf")
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    fast, core = timed(closed_form), timed(autograd)
+    fast, core = best_of(closed_form, repeats, device), best_of(autograd, repeats, device)
     return {"device": str(device), "n_clients": n_clients, "local_steps": local_steps,
             "closed_form_s": fast, "autograd_s": core, "speedup": core / fast}
