@@ -15,29 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from repsuite import paths
-
-
-def best_of(fn, repeats: int = 5, device=None) -> float:
-    """Seconds of the fastest of `repeats` calls of `fn()`, after one warm-up call (first-call
-    costs are not what is compared); CUDA work is waited for on a CUDA `device`."""
-    on_cuda = torch.device(device or "cpu").type == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from repsuite.timing import best_of
 
 
 def bench_smote(sizes=(1_000, 10_000, 50_000), n_features: int = 20) -> list[tuple]:

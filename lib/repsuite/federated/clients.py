@@ -433,8 +433,8 @@ def bench_round(n_clients: int = 100, local_steps: int = 5, *, samples_per_clien
 
     An MLP n_features-hidden-n_classes on random data shaped like MNIST; best of `repeats`.
     """
-    from repsuite.bench import best_of
     from repsuite.seeding import pick_device
+    from repsuite.timing import best_of
 
     device = pick_device(device)
     g = torch.Generator().manual_seed(0)

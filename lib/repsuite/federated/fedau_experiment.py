@@ -406,8 +406,8 @@ def bench_local_linear(n_clients: int = 250, local_steps: int = 5, *, samples_pe
     closed-form `softmax_regression_sgd` against the core's autograd `local_sgd`; best of
     `repeats` after one warm-up call each."""
 
-    from repsuite.bench import best_of
     from repsuite.seeding import pick_device
+    from repsuite.timing import best_of
 
     device = pick_device(device)
     g = torch.Generator().manual_seed(0)
