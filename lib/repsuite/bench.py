@@ -112,6 +112,19 @@ def bench_federated_round(n_clients: int = 100, local_steps: int = 5) -> list[tu
              "vectorized", t["vectorized_s"], t["loop_s"], "per-client loop, torch.optim.SGD")]
 
 
+def bench_fairness_metrics(n: int = 1_000_000) -> list[tuple]:
+    from fairlearn import metrics as fl
+
+    from repsuite.fairness import metrics
+
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    group = rng.integers(0, 4, n)
+    ours = best_of(lambda: metrics.equalized_odds_difference(y_true, y_pred, group), 3)
+    ref = best_of(lambda: fl.equalized_odds_difference(y_true, y_pred, sensitive_features=group), 3)
+    return [(f"equalized-odds gap, {n:,} rows, 4 groups", ours, ref, "fairlearn")]
+
+
 def bench_runner() -> list[tuple]:
     """A notebook that only imports what every paper imports, through the runner and the render."""
     import nbformat
@@ -152,8 +165,8 @@ def bench_dvc_noop() -> list[tuple]:
 
 def main() -> int:
     rows = []
-    parts = (bench_smote, bench_adamp, bench_weight_matching, bench_federated_round, bench_runner,
-             bench_dvc_noop)
+    parts = (bench_smote, bench_adamp, bench_weight_matching, bench_federated_round,
+             bench_fairness_metrics, bench_runner, bench_dvc_noop)
     for part in parts:
         print(f"measuring {part.__name__.removeprefix('bench_')} ...", file=sys.stderr, flush=True)
         rows += part()
