@@ -145,11 +145,11 @@ def make_objective(X, y, *, l2: float, intercept: bool = True,
         raise ValueError(f"y must be 0/1 labels; found {np.unique(y)[:5].tolist()}")
     if len(np.unique(y)) < 2:
         raise ValueError("y holds a single class: logistic regression needs both labels")
-    if len(X) < 2 * (X.shape[1] + 1) and l2 <= 0:
-        raise ValueError(f"{len(X)} points for {X.shape[1]} features without a penalty: the "
-                         "level set is unbounded; give l2 > 0 or more points")
     if not l2 >= 0 or not math.isfinite(l2):
         raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
+    if len(X) < 2 * (X.shape[1] + 1) and l2 == 0:
+        raise ValueError(f"{len(X)} points for {X.shape[1]} features without a penalty: the "
+                         "level set is unbounded; give l2 > 0 or more points")
     pen = torch.ones(X.shape[1] + int(intercept), dtype=DTYPE, device=device)
     if intercept:
         X = torch.cat([X, torch.ones(len(X), 1, dtype=DTYPE, device=device)], 1)
