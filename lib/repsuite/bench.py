@@ -125,6 +125,48 @@ def bench_fairness_metrics(n: int = 1_000_000) -> list[tuple]:
     return [(f"equalized-odds gap, {n:,} rows, 4 groups", ours, ref, "fairlearn")]
 
 
+def bench_feamoe_shapley(n_features: int = 11, n_rows: int = 20, n_background: int = 50):
+    """FEAMOE's closed-form attributions against exact enumeration of all 2^d coalitions."""
+    from repsuite.fairness import feamoe
+
+    gen = torch.Generator().manual_seed(0)
+    model = feamoe.FEAMOE(n_features, 3, seed=0)
+    X = torch.randn(n_rows, n_features, generator=gen)
+    background = torch.randn(n_background, n_features, generator=gen)
+    fast = best_of(lambda: feamoe.explain_fast(model, X, background), 5)
+    exact = best_of(lambda: feamoe.shapley_exact(model.gated_log_odds, X, background), 1)
+    return [(f"FEAMOE Shapley values, {n_rows} rows x {n_features} features, 3 experts", fast,
+             exact, "exact enumeration")]
+
+
+def bench_viable_ranges(n: int = 2000, d: int = 10, m: int = 5) -> list[tuple]:
+    """The viable prediction range of m points (2m convex programmes) against CVXPY's solves."""
+    import cvxpy as cp
+
+    from repsuite.fairness import multiplicity
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, d))
+    y = (X @ rng.normal(size=d) + rng.logistic(size=n) > 0).astype(int)
+    l2, eps = 1e-3, 0.01
+    obj = multiplicity.make_objective(X, y, l2=l2)
+    w0 = multiplicity.fit(obj)[0]
+    L0 = float(obj.loss(w0))
+    points = obj.rows(X[:m])
+    ours = best_of(lambda: multiplicity.viable_ranges(obj, w0, points, eps, L0=L0), 3)
+    Z = obj.Z.numpy()
+    w = cp.Variable(d + 1)
+    loss = (cp.sum(cp.logistic(Z @ w)) - y @ Z @ w) / n + l2 / 2 * cp.sum_squares(w[:d])
+
+    def reference():
+        for z in points.numpy():
+            for sense in (cp.Minimize, cp.Maximize):
+                cp.Problem(sense(z @ w), [loss <= L0 + eps]).solve(solver="CLARABEL")
+
+    return [(f"viable prediction ranges, {m} points, logistic regression {n} x {d}", ours,
+             best_of(reference, 1), "CVXPY + Clarabel, one solve per point and direction")]
+
+
 def bench_runner() -> list[tuple]:
     """A notebook that only imports what every paper imports, through the runner and the render."""
     import nbformat
@@ -166,7 +208,8 @@ def bench_dvc_noop() -> list[tuple]:
 def main() -> int:
     rows = []
     parts = (bench_smote, bench_adamp, bench_weight_matching, bench_federated_round,
-             bench_fairness_metrics, bench_runner, bench_dvc_noop)
+             bench_fairness_metrics, bench_feamoe_shapley, bench_viable_ranges, bench_runner,
+             bench_dvc_noop)
     for part in parts:
         print(f"measuring {part.__name__.removeprefix('bench_')} ...", file=sys.stderr, flush=True)
         rows += part()
