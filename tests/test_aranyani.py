@@ -111,13 +111,12 @@ def test_running_node_statistics_give_the_exact_gradient_of_the_node_level_penal
     X = torch.as_tensor(rng.normal(size=(n, d)))
     group = torch.as_tensor(rng.integers(0, 2, n))
     T, N = forest.T, forest.N
-    node_mean = A.GroupRunningMeans(1, (T, N), "cpu", F64)
-    grad_mean = A.GroupRunningMeans(1, (T, N, d + 1), "cpu", F64)
+    node_mean = RunningGroupMeans(2, (T, N), runs=1, dtype=F64)
+    grad_mean = RunningGroupMeans(2, (T, N, d + 1), runs=1, dtype=F64)
     shared = RunningGroupMeans(2, (T, N), dtype=F64)
     for t in range(n):
-        onehot = torch.nn.functional.one_hot(group[t:t + 1], 2).to(F64)
         cache = forest.forward(X[None, t:t + 1])
-        fair = A.node_fairness_gradient(cache, onehot, node_mean, grad_mean, delta)
+        fair = A.node_fairness_gradient(cache, group[t:t + 1], node_mean, grad_mean, delta)
         shared.update(cache.n[:, 0], group[t:t + 1])
 
     params = forest.params.clone().requires_grad_(True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from repsuite.fairness.stream import RunningGroupMeans
 from repsuite.progress import bar
 
 # -------------------------------------------------------------------------------------------------
@@ -244,42 +245,17 @@ class OnlineResult:
     state_floats: int  # numbers kept per run for the fairness gradient, independent of the stream
 
 
-class GroupRunningMeans:
-    """Per-run, per-group running means of a statistic (R, 2, *shape): plain averages of every
-    value seen, updated with one value per run per step. (The shared
-    `repsuite.fairness.stream.RunningGroupMeans` follows a single stream; here every run reads its
-    own stream, so each run's group at a step differs.)"""
-
-    def __init__(self, n_runs: int, shape, device, dtype):
-        self.mean = torch.zeros(n_runs, 2, *shape, device=device, dtype=dtype)
-        self.count = torch.zeros(n_runs, 2, device=device, dtype=dtype)
-
-    def update(self, value: torch.Tensor, onehot: torch.Tensor) -> None:
-        """`value` (R, *shape), `onehot` (R, 2) marks each run's group at this step."""
-        self.count += onehot
-        w = (onehot / self.count.clamp(min=1)).reshape(*onehot.shape, *[1] * (value.ndim - 1))
-        self.mean += w * (value[:, None] - self.mean)
-
-    def gap(self) -> torch.Tensor:
-        """E_1 - E_0 per run."""
-        return self.mean[:, 1] - self.mean[:, 0]
-
-    def ready(self) -> torch.Tensor:
-        """Runs that have seen both groups, (R,)."""
-        return (self.count > 0).all(1)
-
-
-def node_fairness_gradient(cache: ForwardCache, onehot: torch.Tensor, node_mean: GroupRunningMeans,
-                           grad_mean: GroupRunningMeans, huber_delta: float) -> torch.Tensor:
-    """Fold the current example (cache of a one-example forward pass, `onehot` its group) into the
+def node_fairness_gradient(cache: ForwardCache, a: torch.Tensor, node_mean: RunningGroupMeans,
+                           grad_mean: RunningGroupMeans, huber_delta: float) -> torch.Tensor:
+    """Fold the current example (cache of a one-example forward pass, `a` its group) into the
     running statistics and return h'(F_i) (E_1[d n_i] - E_0[d n_i]) for every node's (w_i, b_i),
     laid out like the first `n_node_params` entries of the forest's parameters: (R, T*N*(d+1))."""
-    R = onehot.shape[0]
+    R = a.shape[0]
     n, x = cache.n[:, 0], cache.x[:, 0]
     d = x.shape[-1]
     dn = n * (1 - n)  # d n_i / d b_i; times x for d n_i / d w_i
-    node_mean.update(n, onehot)
-    grad_mean.update(torch.cat([dn[..., None] * x[:, None, None, :], dn[..., None]], -1), onehot)
+    node_mean.update(n, a)
+    grad_mean.update(torch.cat([dn[..., None] * x[:, None, None, :], dn[..., None]], -1), a)
     h = huber_grad(node_mean.gap(), huber_delta)[..., None] * grad_mean.gap()
     return torch.cat([h[..., :d].reshape(R, -1), h[..., d].reshape(R, -1)], -1)
 
@@ -309,12 +285,14 @@ def train_online(X, y, group, orders, lambdas, seeds, *, constraint: str = "node
     lam = torch.as_tensor(lambdas, device=dev, dtype=dt)[:, None]
     T, N, d, k_node = forest.T, forest.N, forest.d, forest.n_node_params
     if constraint == "node":
-        node_mean = GroupRunningMeans(R, (T, N), dev, dt)  # E_a[n_i]
-        grad_mean = GroupRunningMeans(R, (T, N, d + 1), dev, dt)  # E_a[d n_i / d(w_i, b_i)]
+        node_mean = RunningGroupMeans(2, (T, N), runs=R, device=dev, dtype=dt)  # E_a[n_i]
+        # E_a[d n_i / d(w_i, b_i)]
+        grad_mean = RunningGroupMeans(2, (T, N, d + 1), runs=R, device=dev, dtype=dt)
         state = 2 * (T * N + T * N * (d + 1))
     else:
-        out_mean = GroupRunningMeans(R, (), dev, dt)  # E_a[p_1]
-        out_grad = GroupRunningMeans(R, (forest.n_params,), dev, dt)  # E_a[d p_1 / d params]
+        out_mean = RunningGroupMeans(2, (), runs=R, device=dev, dtype=dt)  # E_a[p_1]
+        # E_a[d p_1 / d params]
+        out_grad = RunningGroupMeans(2, (forest.n_params,), runs=R, device=dev, dtype=dt)
         state = 2 * (1 + forest.n_params)
     K = 1 if constraint == "node" else 2
     upstream = torch.zeros(R, 1, K, forest.C, device=dev, dtype=dt)
@@ -339,17 +317,16 @@ def train_online(X, y, group, orders, lambdas, seeds, *, constraint: str = "node
         grad = grads[:, 0]
 
         if use_fairness:
-            onehot = torch.nn.functional.one_hot(a, 2).to(dt)
             if constraint == "node":
-                fair = node_fairness_gradient(cache, onehot, node_mean, grad_mean, huber_delta)
-                ready = node_mean.ready()[:, None].to(dt)
+                fair = node_fairness_gradient(cache, a, node_mean, grad_mean, huber_delta)
+                ready = node_mean.seen(0, 1)[:, None].to(dt)
                 grad = grad.clone()
                 grad[:, :k_node] += lam * ready * fair
             else:
-                out_mean.update(p[:, 1], onehot)
-                out_grad.update(grads[:, 1], onehot)
+                out_mean.update(p[:, 1], a)
+                out_grad.update(grads[:, 1], a)
                 h = huber_grad(out_mean.gap(), huber_delta)[:, None]
-                ready = out_mean.ready()[:, None].to(dt)
+                ready = out_mean.seen(0, 1)[:, None].to(dt)
                 grad = grad + lam * ready * h * out_grad.gap()
         opt.step(grad)
 

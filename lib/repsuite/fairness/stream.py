@@ -60,35 +60,52 @@ def prequential(y_true, y_pred, group) -> pd.DataFrame:
 
 
 class RunningGroupMeans:
-    """Per-group running means of a tensor-valued statistic, updated a batch at a time.
+    """Per-group running means of a tensor-valued statistic, updated without storing the stream.
 
     With `momentum=None` the mean is the plain average of everything seen; with a momentum m in
-    (0, 1) it is an exponential moving average, mean <- m * mean + (1 - m) * batch mean (started at
-    the first batch's mean). Only the means and counts are kept, never the stream.
+    (0, 1) it is an exponential moving average, mean <- m * mean + (1 - m) * new (started at the
+    first value seen). Only the means and counts are kept.
+
+    One stream: `update(values (b, *shape), groups (b,))` folds in a batch. Several streams at
+    once (`runs=R`, e.g. one per stream order or per fairness weight, each with its own group
+    sequence): `update(values (R, *shape), groups (R,))` folds in one row per stream, and means,
+    counts and gaps gain a leading run axis.
     """
 
-    def __init__(self, n_groups: int, shape=(), momentum: float | None = None, device=None,
-                 dtype=torch.float32):
+    def __init__(self, n_groups: int, shape=(), momentum: float | None = None,
+                 runs: int | None = None, device=None, dtype=torch.float32):
         if n_groups < 2:
             raise ValueError(f"need at least two groups, got {n_groups}")
         if momentum is not None and not 0.0 < momentum < 1.0:
             raise ValueError(f"momentum must be in (0, 1) or None, got {momentum}")
-        self.n_groups, self.momentum = n_groups, momentum
+        if runs is not None and runs < 1:
+            raise ValueError(f"runs must be at least 1 (or None for one stream), got {runs}")
+        self.n_groups, self.momentum, self.runs = n_groups, momentum, runs
         self.shape = tuple(shape) if not isinstance(shape, int) else (shape,)
-        self.means = torch.zeros((n_groups, *self.shape), device=device, dtype=dtype)
-        self.counts = torch.zeros(n_groups, device=device, dtype=torch.long)
+        lead = () if runs is None else (runs,)
+        self.means = torch.zeros((*lead, n_groups, *self.shape), device=device, dtype=dtype)
+        self.counts = torch.zeros((*lead, n_groups), device=device, dtype=torch.long)
 
-    def update(self, values: torch.Tensor, groups: torch.Tensor) -> None:
-        values = values.detach().to(self.means)
-        groups = torch.as_tensor(groups, device=self.means.device).long().reshape(-1)
+    def _check(self, values: torch.Tensor, groups: torch.Tensor) -> None:
+        rows = "runs" if self.runs is not None else "batch"
         if values.shape != (len(groups), *self.shape):
-            raise ValueError(f"values must have shape (batch, *{self.shape}) with batch = "
-                             f"{len(groups)} group codes, got {tuple(values.shape)}")
+            raise ValueError(f"values must have shape ({rows}, *{self.shape}) with one group code "
+                             f"a row ({len(groups)} given), got {tuple(values.shape)}")
+        if self.runs is not None and len(groups) != self.runs:
+            raise ValueError(f"one row per run is needed: {self.runs} runs, {len(groups)} rows")
         if torch.isnan(values).any():
             raise ValueError("values contain NaN")
         if len(groups) and (groups.min() < 0 or groups.max() >= self.n_groups):
             raise ValueError(f"group codes must be in 0..{self.n_groups - 1}, got "
                              f"{groups.min().item()}..{groups.max().item()}")
+
+    def update(self, values: torch.Tensor, groups) -> None:
+        values = values.detach().to(self.means)
+        groups = torch.as_tensor(groups, device=self.means.device).long().reshape(-1)
+        self._check(values, groups)
+        if self.runs is not None:
+            self._update_runs(values, groups)
+            return
         batch_counts = torch.bincount(groups, minlength=self.n_groups)
         sums = torch.zeros_like(self.means).index_add_(0, groups, values)
         present = batch_counts > 0
@@ -104,12 +121,34 @@ class RunningGroupMeans:
             self.means[present] = torch.where(first, batch_means, ema)
         self.counts += batch_counts
 
-    def count(self, g: int) -> int:
-        return int(self.counts[g])
+    def _update_runs(self, values: torch.Tensor, groups: torch.Tensor) -> None:
+        # Dense over (run, group): mean += w * (value - mean), with w = 1 / count for the plain
+        # average and 1 - momentum (1 at a group's first row) for the moving average.
+        onehot = torch.nn.functional.one_hot(groups, self.n_groups)
+        self.counts += onehot
+        hit = onehot.to(self.means)
+        if self.momentum is None:
+            w = hit / self.counts.clamp(min=1).to(self.means)
+        else:
+            w = torch.where(self.counts == 1, hit, hit * (1 - self.momentum))
+        w = w.reshape(*w.shape, *(1,) * len(self.shape))
+        self.means += w * (values[:, None] - self.means)
+
+    def count(self, g: int):
+        """Rows of group g seen so far (per run with `runs`)."""
+        return int(self.counts[g]) if self.runs is None else self.counts[:, g]
+
+    def seen(self, *groups: int):
+        """Whether every given group has appeared (per run with `runs`)."""
+        return (self.counts[..., list(groups)] > 0).all(-1)
 
     def mean(self, g: int) -> torch.Tensor:
+        """Group g's running mean. With one stream, an unseen group is an error; with `runs`, the
+        rows of runs that have not seen it yet are zero (mask them with `seen`)."""
         if not 0 <= g < self.n_groups:
             raise ValueError(f"group code must be in 0..{self.n_groups - 1}, got {g}")
+        if self.runs is not None:
+            return self.means[:, g]
         if self.counts[g] == 0:
             raise ValueError(f"group {g} has not appeared in the stream yet; its mean is undefined")
         return self.means[g]
