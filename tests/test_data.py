@@ -37,3 +37,25 @@ def test_unknown_dataset_names_the_choices():
     with pytest.raises(KeyError, match="unknown dataset 'mnist'; known datasets: .*mnist5k"):
         data.load("mnist")
     assert data.main(["nope"]) == 2
+
+
+@pytest.mark.parametrize("name, shape, target", [
+    ("diabetes", (442, 10), 152.1335), ("california", (20640, 8), 2.0686),
+    ("diamonds", (53940, 9), 3932.7997),
+])
+def test_regression_sets_keep_their_continuous_target(name, shape, target):
+    X, y = data.load(name)
+    assert X.shape == shape and y.dtype == np.float64 and not np.isnan(X).any()
+    assert y.mean() == pytest.approx(target, abs=1e-4)
+
+
+@pytest.mark.parametrize("name, counts", [
+    # 1,610 diamonds of Fair cut (as ggplot2 documents); 821 one-star reviews among the 22,641
+    # with a text.
+    ("diamonds_cut", [1610, 4906, 12082, 13791, 21551]),
+    ("reviews", [821, 1549, 2823, 4908, 12540]),
+])
+def test_ordinal_sets_keep_their_rare_end_class(name, counts):
+    X, y = data.load(name)
+    assert y.dtype == np.int64 and np.bincount(y).tolist() == counts
+    assert len(X) == sum(counts) and np.isfinite(X).all()

