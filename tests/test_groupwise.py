@@ -385,3 +385,19 @@ def test_regret_curves_end_at_the_whole_group_and_bound_ratio_is_below_one():
         total = losses[(losses.group == g) & (losses.method == m)].loss.item()
         assert c.loss.item() == pytest.approx(total)
     assert (GE.bound_ratio(run) <= 1).all()
+
+
+def test_adanormalhedge_bookkeeping_on_a_hand_computed_sequence():
+    # Round 0: both awake, uniform weights, losses (0.2, 0.6): learner 0.4, R = (0.2, -0.2).
+    # Round 1: expert 1 asleep: the learner follows expert 0 and nothing moves.
+    # Round 2: w = (e^0.4 - 1, e^(0.8^2 / 3.6) - 1) / 2 by AdaNormalHedge's potential with C = 0.2,
+    # so p_0 = 0.71657; losses (0, 1): learner 0.28343.
+    losses = torch.tensor([[[0.2, 0.6]], [[0.5, 0.9]], [[0.0, 1.0]]], dtype=torch.float64)
+    awake = torch.tensor([[[True, True]], [[True, False]], [[True, True]]])
+    run = GW.sleeping_experts(losses, awake, keep_weights=True)
+    w = np.array([np.exp(0.4) - 1, np.exp(0.64 / 3.6) - 1])
+    p0 = w[0] / w.sum()
+    np.testing.assert_allclose(run.weights[:, 0].numpy(), [[0.5, 0.5], [1.0, 0.0], [p0, 1 - p0]])
+    np.testing.assert_allclose(run.loss[:, 0].numpy(), [0.4, 0.5, 1 - p0])
+    np.testing.assert_allclose(run.R[0].numpy(), [0.2 + (1 - p0), -0.2 - p0])
+    np.testing.assert_allclose(run.C[0].numpy(), [0.2 + (1 - p0), 0.2 + p0])
