@@ -101,7 +101,10 @@ def test_each_method_family_is_a_dependency_of_its_own_papers_only():
                 "federated": {"fedau", "fedamd-anchor-sampling", "frl", "fl-unlimited-staleness",
                               "flag-aggregator"},
                 "fairness": {"aranyani", "predictive-multiplicity", "equitable-sampling", "feamoe",
-                             "groupwise-regret"}}
+                             "groupwise-regret"},
+                "regression": {"quantile-aggregation", "presto"},
+                "clustering": {"ppp-clustering", "ila-sdp"},
+                "weak": {"aggregate-responses", "llp-bp"}}
     for family, slugs in expected.items():
         if slugs <= set(PARAMS["papers"]):
             assert users.get(family) == slugs, f"{family} is used by {users.get(family)}"
@@ -129,7 +132,17 @@ def test_each_paper_module_is_a_dependency_of_its_own_paper_only():
               "fairness/sampling_experiment": "equitable-sampling",
               "fairness/feamoe": "feamoe", "fairness/feamoe_experiment": "feamoe",
               "fairness/groupwise": "groupwise-regret",
-              "fairness/groupwise_experiment": "groupwise-regret"}
+              "fairness/groupwise_experiment": "groupwise-regret",
+              "regression/quantile": "quantile-aggregation",
+              "regression/quantile_aggregation": "quantile-aggregation",
+              "regression/quantile_experiment": "quantile-aggregation",
+              "regression/ordinal": "presto", "regression/presto_experiment": "presto",
+              "clustering/ppp": "ppp-clustering", "clustering/ppp_experiment": "ppp-clustering",
+              "clustering/sdp": "ila-sdp", "clustering/sdp_experiment": "ila-sdp",
+              "weak/aggregate": "aggregate-responses",
+              "weak/aggregate_experiment": "aggregate-responses",
+              "weak/llp_bp": "llp-bp", "weak/llp_training": "llp-bp",
+              "weak/llp_experiment": "llp-bp"}
     deps = {slug: pipeline.paper_dependencies(slug, section, ROOT)["modules"]
             for slug, section in PARAMS["papers"].items()}
     for module, owner in owners.items():

@@ -168,6 +168,18 @@ def bench_viable_ranges(n: int = 200, d: int = 5, m: int = 5) -> list[tuple]:
              best_of(reference, 1), "CVXPY + Clarabel, one solve per point and direction")]
 
 
+def bench_clustering() -> list[tuple]:
+    from repsuite.clustering.ppp_experiment import bench_rows
+
+    return bench_rows()
+
+
+def bench_quantile() -> list[tuple]:
+    from repsuite.regression.quantile_experiment import bench
+
+    return bench()
+
+
 def bench_runner() -> list[tuple]:
     """A notebook that only imports what every paper imports, through the runner and the render."""
     import nbformat
@@ -209,8 +221,8 @@ def bench_dvc_noop() -> list[tuple]:
 def main() -> int:
     rows = []
     parts = (bench_smote, bench_adamp, bench_weight_matching, bench_federated_round,
-             bench_fairness_metrics, bench_feamoe_shapley, bench_viable_ranges, bench_runner,
-             bench_dvc_noop)
+             bench_fairness_metrics, bench_feamoe_shapley, bench_viable_ranges, bench_clustering,
+             bench_quantile, bench_runner, bench_dvc_noop)
     for part in parts:
         print(f"measuring {part.__name__.removeprefix('bench_')} ...", file=sys.stderr, flush=True)
         rows += part()
