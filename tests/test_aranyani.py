@@ -14,15 +14,6 @@ from repsuite.fairness.stream import RunningGroupMeans
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Thousands of tiny online steps: thread hand-offs would cost more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def forest_and_inputs(R=2, m=5, d=4, n_trees=2, depth=3, seed=0):
     forest = A.ObliqueForest(R, d, n_trees=n_trees, depth=depth).init_(range(seed, seed + R))
     x = torch.randn(R, m, d, dtype=F64, generator=torch.Generator().manual_seed(seed + 100))

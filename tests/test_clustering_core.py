@@ -7,19 +7,8 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
-from threadpoolctl import threadpool_limits
 
 from repsuite.clustering import core
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small problems: one thread is faster, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,10 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
-from threadpoolctl import threadpool_limits
 
 from repsuite.clustering import core
 from repsuite.clustering import ppp as P
 from repsuite.clustering import ppp_experiment as PE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small problems: one thread is faster, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

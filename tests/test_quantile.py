@@ -18,15 +18,6 @@ from repsuite.regression import quantile_experiment as QE
 TAUS = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random_quantiles(n=300, k=7, seed=0, scale=1.0):
     """Rows of noisy, often crossing, quantile predictions and their responses."""
     rng = np.random.default_rng(seed)

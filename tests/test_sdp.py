@@ -10,15 +10,6 @@ from repsuite.clustering import sdp_experiment as E
 from repsuite.clustering.metrics import misclustering_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many small eigendecompositions: extra threads only add contention on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def blobs(n_per, centers, scales, seed=0):
     rng = np.random.default_rng(seed)
     X = np.vstack([rng.normal(c, s, size=(n_per, len(c))) for c, s in zip(centers, scales,

@@ -34,15 +34,6 @@ from repsuite.federated.staleness_runs import (
 D, C = 8, 3  # inputs and classes of the softmax-regression toy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These problems are tiny: with several threads, waiting between them costs more than the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _toy(seed=1, n=1):
     """Softmax regression, a stale and a current global model far apart, one client's data."""
     torch.manual_seed(0)
